@@ -1,0 +1,323 @@
+"""DWAHistory: averaging, warm-up, rolling, validation, checkpoints and the no-sync per-batch path."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from dwa_export import DWAHistory, DWAWeights, LossHistoryError
+from reference import dwa_weights, epoch_weights
+
+KERNEL = DWAWeights()
+T = torch.tensor(2.0)
+
+
+def weights_of(history: DWAHistory) -> np.ndarray:
+    return KERNEL(*history.inputs(), T).double().numpy()
+
+
+def run(history: DWAHistory, epochs, batch_weights=None) -> list[np.ndarray]:
+    """Weights in use during each epoch, recording each epoch's batches then stepping."""
+    seen = []
+    for e, batches in enumerate(epochs):
+        for b, losses in enumerate(batches):
+            weight = None if batch_weights is None else batch_weights[e][b]
+            history.record(torch.tensor(losses), weight)
+            if b == 0:  # the weights of this epoch depend on earlier epochs only
+                seen.append(weights_of(history))
+        history.step()
+    return seen
+
+
+EPOCHS = [
+    [[1.0, 2.0, 0.5], [1.2, 2.2, 0.7]],
+    [[0.9, 1.9, 0.5], [0.7, 2.1, 0.4], [0.8, 1.7, 0.45]],
+    [[0.6, 1.8, 0.3]],
+    [[0.5, 1.8, 0.2], [0.55, 1.6, 0.25]],
+    [[0.4, 1.5, 0.2]],
+]
+
+
+def test_warm_up_is_exactly_uniform_then_follows_the_reference():
+    history = DWAHistory()
+    seen = run(history, EPOCHS)
+    expected = epoch_weights(EPOCHS, 2.0)
+    assert seen[0].tolist() == [1.0, 1.0, 1.0] and seen[1].tolist() == [1.0, 1.0, 1.0]
+    for got, want in zip(seen, expected):
+        np.testing.assert_allclose(got, want, atol=2e-6)
+    assert not np.allclose(seen[2], 1.0, atol=1e-3)  # DWA really kicked in
+
+
+def test_ready_and_averages_follow_the_epochs():
+    history = DWAHistory()
+    assert not history.ready and history.num_tasks is None
+    history.record(torch.tensor([2.0, 4.0]))
+    history.record(torch.tensor([4.0, 8.0]))
+    history.step()
+    assert not history.ready and history.averages == ((3.0, 6.0),)
+    history.record(torch.tensor([1.5, 3.0]))
+    history.step()
+    assert history.ready and history.averages == ((3.0, 6.0), (1.5, 3.0))
+    loss_t1, loss_t2 = history.inputs()
+    assert loss_t1.tolist() == [1.5, 3.0] and loss_t2.tolist() == [3.0, 6.0]
+    history.record(torch.tensor([1.0, 1.0]))
+    history.step()  # roll: the oldest average is dropped
+    assert history.averages == ((1.5, 3.0), (1.0, 1.0))
+
+
+def test_plain_average_counts_batches_equally_and_weighted_average_uses_weights():
+    plain, weighted, per_row = DWAHistory(), DWAHistory(), DWAHistory()
+    batches, sizes = [[1.0, 10.0], [3.0, 30.0]], [1, 3]
+    for losses, size in zip(batches, sizes):
+        plain.record(torch.tensor(losses))
+        weighted.record(torch.tensor(losses), weight=size)
+        per_row.record(torch.tensor(losses).expand(size, 2))  # rows count one each
+    for h in (plain, weighted, per_row):
+        h.step()
+    assert plain.averages[-1] == (2.0, 20.0)
+    assert weighted.averages[-1] == (2.5, 25.0)  # (1*1 + 3*3) / 4
+    assert per_row.averages[-1] == (2.5, 25.0)
+
+
+def test_tensor_weights_per_sample_and_per_batch():
+    history = DWAHistory()
+    history.record(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), weight=torch.tensor([1.0, 3.0]))
+    history.record(torch.tensor([5.0, 6.0]), weight=torch.tensor(4.0))
+    history.record(torch.tensor([7.0, 8.0]), weight=2)  # mixed with a plain number
+    history.step()
+    total = 1 + 3 + 4 + 2
+    expected = ((1 * 1 + 3 * 3 + 4 * 5 + 2 * 7) / total, (1 * 2 + 3 * 4 + 4 * 6 + 2 * 8) / total)
+    assert history.averages[-1] == pytest.approx(expected, rel=1e-7)
+
+
+def test_step_without_batches_is_a_no_op():
+    history = DWAHistory()
+    history.step()
+    assert history.state_dict() == DWAHistory().state_dict()
+    history.record(torch.tensor([1.0, 2.0]))
+    history.step()
+    before = history.state_dict()
+    history.step()
+    history.step()
+    assert history.state_dict() == before
+    history.record(torch.tensor([1.0, 2.0]), weight=0)  # zero total weight: nothing to average
+    history.step()
+    assert history.state_dict() == before
+
+
+def test_reset_and_discard_epoch():
+    history = DWAHistory()
+    run(history, EPOCHS[:3])
+    history.record(torch.tensor([9.0, 9.0, 9.0]))
+    history.discard_epoch()
+    assert history.ready
+    history.record(torch.tensor([0.5, 1.0, 0.25]))
+    history.step()
+    assert history.averages[-1] == (0.5, 1.0, 0.25)  # the discarded batch left no trace
+    history.reset()
+    assert not history.ready and history.num_tasks is None
+    assert weights_of(DWAHistory(num_tasks=3)).tolist() == [1.0, 1.0, 1.0]
+    history.record(torch.tensor([1.0, 2.0]))  # a new K after reset() is fine
+    assert history.num_tasks == 2
+
+
+def test_a_shape_change_raises_and_tells_the_user_to_reset():
+    history = DWAHistory()
+    history.record(torch.ones(3))
+    with pytest.raises(ValueError, match=r"2 tasks .* K=3; call reset\(\)"):
+        history.record(torch.ones(2))
+    with pytest.raises(ValueError, match="created with num_tasks=4"):
+        DWAHistory(num_tasks=4).record(torch.ones(3))
+
+
+@pytest.mark.parametrize(
+    "losses,weight,match",
+    [
+        (torch.tensor(1.0), None, "shape"),
+        (torch.tensor([1, 2]), None, "floating-point"),
+        ([1.0, 2.0], None, "must be a tensor"),
+        (torch.ones(2), -1.0, "weight must be finite and >= 0"),
+        (torch.ones(2), math.nan, "weight must be finite"),
+        (torch.ones(2), True, "weight must be a number"),
+        (torch.ones(3, 2), torch.ones(2), r"does not broadcast to the batch shape \[3\]"),
+    ],
+)
+def test_bad_record_input_raises_clearly_and_changes_nothing(losses, weight, match):
+    history = DWAHistory()
+    history.record(torch.tensor([1.0, 1.0]))
+    before = history.state_dict()
+    with pytest.raises((ValueError, TypeError), match=match):
+        history.record(losses, weight)
+    assert history.state_dict() == before
+
+
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        ([math.nan, 1.0], "task 0 is nan"),
+        ([1.0, math.inf], "task 1 is inf"),
+        ([1.0, 0.0], "task 1 is 0.0"),
+        ([1.0, -0.5], "task 1 changed sign from 1 to -0.5"),
+    ],
+)
+def test_invalid_epoch_average_raises_and_leaves_everything_as_it_was(bad, match):
+    history = DWAHistory()
+    history.record(torch.tensor([2.0, 1.0]))
+    history.step()
+    history.record(torch.tensor([1.0, 1.0]))
+    history.step()
+    history.record(torch.tensor(bad))
+    before = json.dumps(history.state_dict())  # JSON, because NaN != NaN
+    with pytest.raises(LossHistoryError, match=match) as info:
+        history.step()
+    assert "discard_epoch()" in str(info.value) and "reset()" in str(info.value)
+    assert info.value.previous == (1.0, 1.0)
+    assert json.dumps(history.state_dict()) == before  # history and running sum untouched
+    history.discard_epoch()
+    history.record(torch.tensor([0.5, 0.5]))
+    history.step()
+    assert history.averages == ((1.0, 1.0), (0.5, 0.5))
+
+
+def test_a_sign_change_is_judged_against_the_previous_epoch_only():
+    history = DWAHistory()
+    for losses in ([-2.0, 1.0], [-1.0, 0.5], [-0.5, 0.25]):  # negative but consistent: fine
+        history.record(torch.tensor(losses))
+        history.step()
+    assert history.ready
+    np.testing.assert_allclose(weights_of(history), dwa_weights([-0.5, 0.25], [-1.0, 0.5], 2.0), atol=1e-6)
+
+
+def test_negative_total_tensor_weight_raises():
+    history = DWAHistory()
+    history.record(torch.ones(2), weight=torch.tensor(-1.0))
+    with pytest.raises(LossHistoryError, match="weights recorded this epoch sum to -1.0"):
+        history.step()
+
+
+@pytest.mark.parametrize("stop_after_batches", [0, 1, 2])
+@pytest.mark.parametrize("stop_in_epoch", [0, 1, 2, 3])
+def test_resuming_from_a_checkpoint_reproduces_the_weights_exactly(stop_in_epoch, stop_after_batches):
+    gen = torch.Generator().manual_seed(7)
+    epochs = [[torch.rand(4, generator=gen) + 0.5 for _ in range(3)] for _ in range(6)]
+    weights = [torch.rand((), generator=gen) * 10 for _ in range(3)]
+
+    def train(history, start=(0, 0), stop=None):
+        outputs = []
+        for e in range(start[0], len(epochs)):
+            for b in range(start[1] if e == start[0] else 0, 3):
+                if (e, b) == stop:
+                    return outputs
+                history.record(epochs[e][b], weight=weights[b] if e % 2 else float(b + 1))
+            history.step()
+            outputs.append(KERNEL(*history.inputs(), T))
+        return outputs
+
+    uninterrupted = train(DWAHistory())
+    stop = (stop_in_epoch, stop_after_batches)
+    first = DWAHistory()
+    before = train(first, stop=stop)
+    buffer = io.BytesIO()
+    torch.save(first.state_dict(), buffer)
+    state = json.loads(json.dumps(torch.load(io.BytesIO(buffer.getvalue()))))  # survives JSON too
+    resumed = DWAHistory()
+    resumed.load_state_dict(state)
+    after = train(resumed, start=stop)
+    assert len(before + after) == len(uninterrupted)
+    for got, want in zip(before + after, uninterrupted):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda s: s.pop("averages"), "missing keys"),
+        (lambda s: s.update(version=99), "version"),
+        (lambda s: s.update(format="something else"), "format"),
+        (lambda s: s.update(extra=1), "unexpected keys"),
+        (lambda s: s.update(averages=[[1.0, 2.0, 3.0]]), "list of 2 numbers"),
+        (lambda s: s.update(averages=[[1.0, 2.0], [1.0, -2.0]]), "changed sign"),
+        (lambda s: s.update(averages=[[1.0, 0.0]]), "task 1 is 0.0"),
+        (lambda s: s.update(epoch_sum=[1.0]), "'epoch_sum' must be a list of 2"),
+        (lambda s: s.update(epoch_weight=-1), "'epoch_weight' must be a number >= 0"),
+        (lambda s: s.update(num_tasks=0), "num_tasks must be a positive int"),
+        (lambda s: s.update(dtype="int64"), "not a torch floating dtype"),
+    ],
+)
+def test_malformed_state_raises_and_changes_nothing(mutate, match):
+    source = DWAHistory()
+    run(source, [[[1.0, 2.0]], [[0.5, 1.5]]])
+    source.record(torch.tensor([0.4, 1.0]))
+    state = source.state_dict()
+    mutate(state)
+    target = DWAHistory()
+    target.record(torch.tensor([7.0, 7.0]))
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert target.state_dict() == before
+
+
+def test_loading_a_checkpoint_with_another_k_into_a_fixed_k_history_raises():
+    source = DWAHistory()
+    source.record(torch.ones(3))
+    with pytest.raises(ValueError, match="holds K=3 tasks but this history was created with num_tasks=2"):
+        DWAHistory(num_tasks=2).load_state_dict(source.state_dict())
+
+
+def test_inputs_use_the_accumulation_dtype():
+    for dtype, acc in [(torch.float16, torch.float32), (torch.bfloat16, torch.float32), (torch.float64, torch.float64)]:
+        history = DWAHistory()
+        history.record(torch.ones(2, dtype=dtype))
+        assert history.inputs()[0].dtype == acc
+    with pytest.raises(RuntimeError, match="num_tasks"):
+        DWAHistory().inputs()
+
+
+def test_float16_losses_are_summed_in_float32():
+    history = DWAHistory()
+    for _ in range(4096):  # 2048 + 1 is not representable in float16
+        history.record(torch.tensor([1.0, 0.5], dtype=torch.float16))
+    history.step()
+    assert history.averages[-1] == (1.0, 0.5)
+
+
+SYNCING = ["item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__", "synchronize"]
+
+
+def test_the_per_batch_path_never_synchronises(monkeypatch):
+    history = DWAHistory(num_tasks=3)
+    history.record(torch.ones(3))  # allocation happens on first use
+    history.step()
+
+    def forbidden(name):
+        def fail(*args, **kwargs):
+            raise AssertionError(f"Tensor.{name} called on the per-batch path")
+
+        return fail
+
+    for name in SYNCING:
+        if hasattr(torch.Tensor, name):
+            monkeypatch.setattr(torch.Tensor, name, forbidden(name))
+    monkeypatch.setattr(torch.cuda, "synchronize", forbidden("cuda.synchronize"))
+    losses = torch.tensor([0.5, 0.7, 0.9], requires_grad=True)
+    for _ in range(3):
+        history.record(losses)
+        history.record(losses * 2, weight=16)
+        history.record(losses.expand(4, 3), weight=torch.arange(4.0))
+    monkeypatch.undo()
+    history.step()
+    assert history.averages[-1] == pytest.approx((0.5 + 16 * 1.0 + 6 * 0.5) / 23 * np.array([1.0, 1.4, 1.8]))
+
+
+def test_record_detaches():
+    history = DWAHistory()
+    losses = torch.tensor([0.5, 0.7], requires_grad=True)
+    history.record(losses * 3)
+    history.record(losses, weight=torch.tensor(2.0, requires_grad=True))
+    assert not history._sum.requires_grad and not history._tensor_weight.requires_grad
