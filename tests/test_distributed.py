@@ -65,14 +65,14 @@ def test_two_gloo_ranks_agree_on_the_global_weights():
         )
         for rank in range(world_size)
     ]
+    try:
+        outputs = [proc.communicate(timeout=180) for proc in procs]
+    finally:  # a hung rank must not outlive the test
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
     results = []
-    for proc in procs:
-        try:
-            stdout, stderr = proc.communicate(timeout=180)
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
+    for proc, (stdout, stderr) in zip(procs, outputs):
         assert proc.returncode == 0, stderr
         results.append(json.loads(stdout.strip().splitlines()[-1]))
 
