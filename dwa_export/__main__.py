@@ -1,0 +1,7 @@
+"""``python -m dwa_export``: the same as the ``dwa-export`` command."""
+
+import sys
+
+from ._cli import main
+
+sys.exit(main())

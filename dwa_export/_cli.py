@@ -1,0 +1,169 @@
+"""``dwa-export``: write the kernel's artifacts and verify each one in its own runtime."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["main"]
+
+_CONTRACT = """\
+I/O contract (K tasks, N rows; K and N are symbolic, chosen at run time):
+  dwa_weights.pt            TorchScript  loss_t1 [..., K], loss_t2 [..., K], temperature broadcastable
+                                         to [..., 1] -> weights [..., K]; any float dtype
+  dwa_weights.onnx          ONNX         loss_t1 [K], loss_t2 [K], temperature [] -> weights [K]
+  dwa_weights_batched.onnx  ONNX         loss_t1 [N, K], loss_t2 [N, K], temperature [1, 1] or [N, 1]
+                                         -> weights [N, K]
+  dwa_weights.pt2           torch.export loss_t1 [K], loss_t2 [K], temperature [] -> weights [K]
+  dwa_weights_batched.pt2   torch.export loss_t1 [N, K], loss_t2 [N, K], temperature [N, 1]
+                                         -> weights [N, K]
+  weights = K * softmax(loss_t1 / loss_t2 / temperature) over the last axis; they sum to K.
+  loss_t1/loss_t2 of different shapes are an error. Invalid temperatures (not finite and > 0)
+  raise in TorchScript and give NaN rows elsewhere; zero, NaN or infinite losses give NaN rows.
+  float32 files by default; --dtype float64/float16 add *_float64 / *_float16 files.
+Exit status: 0 when every artifact passed, 1 when any check failed, 2 on bad arguments.
+"""
+
+
+def _csv(choices: Sequence[str]):
+    def parse(text: str) -> list[str]:
+        values = [v.strip() for v in text.split(",") if v.strip()]
+        unknown = [v for v in values if v not in choices]
+        if unknown or not values:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(choices)} (comma-separated), got {text!r}")
+        return values
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ._export import DEFAULT_OPSET, DTYPES, FORMATS, MAX_OPSET, MIN_OPSET
+
+    parser = argparse.ArgumentParser(
+        prog="dwa-export",
+        description=(
+            "Export the Dynamic Weight Average kernel as TorchScript, ONNX and torch.export "
+            "artifacts, then load each in its own runtime and compare it with a float64 reference."
+        ),
+        epilog=_CONTRACT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-o", "--out", type=Path, default=Path("exported"), help="output directory (default: exported)")
+    parser.add_argument(
+        "--formats",
+        type=_csv(FORMATS),
+        default=list(FORMATS),
+        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)",
+    )
+    parser.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} (default: {DEFAULT_OPSET})",
+    )
+    parser.add_argument(
+        "--dtype",
+        dest="dtypes",
+        type=_csv(DTYPES),
+        default=["float32"],
+        help=f"comma-separated dtypes of the ONNX/torch.export files: {','.join(DTYPES)} (default: float32)",
+    )
+    parser.add_argument("--check", action="store_true", help="verify the existing artifacts without rewriting them")
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print only failures")
+    verbosity.add_argument(
+        "-v", "--verbose", action="store_true", help="also show the exporters' own output and every failing case"
+    )
+    return parser
+
+
+def _format_table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e3:.1f}"
+
+
+def _us(seconds: float) -> str:
+    return "-" if math.isnan(seconds) else f"{seconds * 1e6:.0f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from ._export import MAX_OPSET, MIN_OPSET
+
+    if not MIN_OPSET <= args.opset <= MAX_OPSET:
+        build_parser().error(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {args.opset}")
+
+    def say(message: str) -> None:
+        if not args.quiet:
+            print(message, flush=True)
+
+    from ._export import export_artifact, plan, quiet_exporters, read_manifest, write_manifest, write_readme
+    from ._verify import verify
+
+    artifacts = plan(args.formats, args.dtypes)
+    out: Path = args.out
+    if not args.check:
+        out.mkdir(parents=True, exist_ok=True)
+        for artifact in artifacts:
+            start = time.perf_counter()
+            with quiet_exporters(args.verbose):
+                export_artifact(artifact, out, args.opset)
+            detail = artifact.format + (f", {artifact.dtype}" if artifact.dtype else "")
+            if artifact.format.startswith("onnx"):
+                detail += f", opset {args.opset}"
+            say(f"export  {out / artifact.filename}  ({detail})  {time.perf_counter() - start:.2f} s")
+        say(f"wrote   {write_manifest(out, artifacts)}")
+        say(f"wrote   {write_readme(out)}")
+
+    manifest = read_manifest(out)
+    if manifest is None:
+        print(f"error: {out / 'manifest.json'} not found; run dwa-export without --check first", file=sys.stderr)
+        return 1
+    results = []
+    for artifact in artifacts:
+        result = verify(out, artifact, manifest, args.dtypes)
+        results.append(result)
+        status = "ok" if result.ok else "FAILED"
+        say(f"verify  {out / artifact.filename}  with {result.runtime}: {result.cases} cases  {status}")
+        shown = result.problems if args.verbose else result.problems[:5]
+        for problem in shown:
+            print(f"        {artifact.filename}: {problem}", file=sys.stderr)
+        if len(shown) < len(result.problems):
+            print(f"        ... and {len(result.problems) - len(shown)} more (--verbose shows all)", file=sys.stderr)
+
+    rows = [["artifact", "runtime", "cases", "max abs err", "err/bound", "load ms", "call us", "status"]]
+    for r in results:
+        rows.append(
+            [
+                r.filename,
+                r.runtime,
+                str(r.cases),
+                f"{r.max_error:.2e}",
+                f"{r.worst_ratio:.2f}",
+                _ms(r.load_s),
+                _us(r.call_s),
+                "ok" if r.ok else "FAILED",
+            ]
+        )
+    say("")
+    say(_format_table(rows))
+    failed = [r.filename for r in results if not r.ok]
+    if failed:
+        print(f"\n{len(failed)} of {len(results)} artifacts FAILED: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    say(f"\nall {len(results)} artifacts verified against the float64 reference")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""Writing the kernel as TorchScript, ONNX and ``torch.export`` artifacts.
+
+The artifacts and their I/O contract (``K`` and ``N`` are symbolic):
+
+=========================  =====================================  =====================
+file                       inputs                                 output
+=========================  =====================================  =====================
+dwa_weights.pt             [..., K], [..., K], T broadcastable    weights [..., K]
+dwa_weights.onnx           loss_t1 [K], loss_t2 [K], T []         weights [K]
+dwa_weights_batched.onnx   loss_t1 [N, K], loss_t2 [N, K],        weights [N, K]
+                           T [1, 1] or [N, 1]
+dwa_weights.pt2            [K], [K], T []                         weights [K]
+dwa_weights_batched.pt2    [N, K], [N, K], T [N, 1]               weights [N, K]
+=========================  =====================================  =====================
+
+float32 by default; other dtypes get a ``_float64`` / ``_float16`` suffix
+(TorchScript is dtype-generic, one file serves all).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import platform
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from importlib import metadata, resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from ._kernel import DWAWeights
+
+__all__ = ["Artifact", "FORMATS", "DTYPES", "export_artifact", "plan", "write_manifest"]
+
+FORMATS = ("torchscript", "onnx", "onnx-batched", "pt2", "pt2-batched")
+DTYPES = ("float32", "float64", "float16")
+DEFAULT_OPSET = 18
+# The dynamo exporter emits opset 18 and up; below 18 it silently leaves the model at 18.
+MIN_OPSET = 18
+MAX_OPSET = int(getattr(getattr(torch.onnx, "_constants", None), "ONNX_MAX_OPSET", 23))
+MODEL_VERSION = 1  # bump when the kernel's I/O contract changes
+INPUT_NAMES = ("loss_t1", "loss_t2", "temperature")
+OUTPUT_NAMES = ("weights",)
+MANIFEST = "manifest.json"
+
+_ONNX_DOC = (
+    "Dynamic Weight Average weights (Liu et al., CVPR 2019): "
+    "w_k = K * exp(r_k / T) / sum_j exp(r_j / T), r_k = loss_t1[k] / loss_t2[k], over the last axis. "
+    "Weights are positive and sum to K. Rows whose temperature is not finite and > 0, or whose rates "
+    "are not all finite (a zero, NaN or infinite loss), are NaN. loss_t1 and loss_t2 must have the "
+    "same shape (they are concatenated, never broadcast). Produced by dwa_export."
+)
+_IO_DOCS = {
+    "loss_t1": "Epoch-average task losses of epoch t-1, last axis K.",
+    "loss_t2": "Epoch-average task losses of epoch t-2, same shape as loss_t1.",
+    "temperature": "Softmax temperature T > 0 (paper default 2.0).",
+    "weights": "DWA task weights, same shape as loss_t1, summing to K over the last axis.",
+}
+_BATCHED_TEMPERATURE_DOC = "Softmax temperature T > 0: shape [1, 1] (one T for all rows) or [N, 1] (one T per row)."
+# ONNX needs a fixed input rank (onnx.checker's full check and ONNX Runtime reject
+# a rank-free input), so the batched file takes T as [N_or_1, 1], not [].
+_TEMPERATURE_ROWS = "N_or_1"
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """One file to write: its format, dtype (``None``: dtype-generic) and name."""
+
+    format: str
+    dtype: str | None
+
+    @property
+    def batched(self) -> bool:
+        return self.format.endswith("-batched")
+
+    @property
+    def filename(self) -> str:
+        if self.format == "torchscript":
+            return "dwa_weights.pt"
+        stem = "dwa_weights_batched" if self.batched else "dwa_weights"
+        suffix = "" if self.dtype == "float32" else f"_{self.dtype}"
+        return stem + suffix + (".onnx" if self.format.startswith("onnx") else ".pt2")
+
+
+def plan(formats: Sequence[str] = FORMATS, dtypes: Sequence[str] = ("float32",)) -> list[Artifact]:
+    """The artifacts for ``formats`` x ``dtypes``, in a stable order."""
+    artifacts = []
+    for fmt in FORMATS:
+        if fmt not in formats:
+            continue
+        if fmt == "torchscript":
+            artifacts.append(Artifact(fmt, None))
+        else:
+            artifacts.extend(Artifact(fmt, dtype) for dtype in DTYPES if dtype in dtypes)
+    return artifacts
+
+
+@contextlib.contextmanager
+def quiet_exporters(verbose: bool = False) -> Iterator[None]:
+    """Keep the exporters' progress lines and warnings off the user's terminal.
+
+    Scoped to our own export and verification code: torch.jit's deprecation
+    warnings (TorchScript is still what LibTorch loads; see README.md) and the
+    dynamo exporter's internal warnings and logging are hidden here only.
+    """
+    if verbose:
+        yield
+        return
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def example_inputs(artifact: Artifact, for_export: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # Distinct sizes >= 2 so that torch.export does not specialise N or K.
+    dtype = getattr(torch, artifact.dtype or "float32")
+    shape = (3, 4) if artifact.batched else (4,)
+    loss_t2 = torch.linspace(1.0, 2.0, shape[-1], dtype=dtype).expand(shape).contiguous()
+    loss_t1 = loss_t2 * 0.8
+    temperature = torch.tensor(2.0, dtype=dtype)
+    if artifact.batched:
+        temperature = temperature.expand(shape[0], 1).contiguous()
+    return loss_t1, loss_t2, temperature
+
+
+def _exported_program(artifact: Artifact) -> torch.export.ExportedProgram:
+    tasks = torch.export.Dim("K", min=1)
+    if artifact.batched:
+        rows = torch.export.Dim("N", min=1)
+        losses: dict[int, Any] = {0: rows, 1: tasks}
+        temperature = {0: rows}
+    else:
+        losses, temperature = {0: tasks}, None
+    program = torch.export.export(
+        DWAWeights().eval(),
+        example_inputs(artifact),
+        dynamic_shapes={"loss_t1": losses, "loss_t2": losses, "temperature": temperature},
+    )
+    for node in program.graph.nodes:  # source paths would make files depend on the checkout
+        node.meta.pop("stack_trace", None)
+    return program
+
+
+def _finalize_onnx(model: Any, batched: bool) -> Any:
+    """Document the model and strip everything path-, time- or exporter-dependent."""
+    model.producer_name = "dwa_export"
+    model.producer_version = __version__
+    model.model_version = MODEL_VERSION
+    model.doc_string = _ONNX_DOC
+    del model.metadata_props[:]
+    graph = model.graph
+    graph.name = "dwa_weights"
+    graph.doc_string = ""
+    del graph.value_info[:]  # intermediate shapes; runtimes infer them
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    # The exporter names dynamic dims after its internal symbols (s53, ...).
+    loss_t1 = next(value for value in graph.input if value.name == "loss_t1")
+    names = dict(zip((d.dim_param for d in loss_t1.type.tensor_type.shape.dim), ("N", "K") if batched else ("K",)))
+    for value in (*graph.input, *graph.output):
+        del value.metadata_props[:]
+        value.doc_string = _IO_DOCS[value.name]
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = names[dim.dim_param]
+    if batched:
+        # One T for all rows ([1, 1]) or one per row ([N, 1]).
+        temperature = next(value for value in graph.input if value.name == "temperature")
+        temperature.type.tensor_type.shape.dim[0].dim_param = _TEMPERATURE_ROWS
+        temperature.doc_string = _BATCHED_TEMPERATURE_DOC
+    return model
+
+
+def export_artifact(artifact: Artifact, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
+    """Write one artifact into ``out_dir`` and return its path."""
+    path = out_dir / artifact.filename
+    if artifact.format == "torchscript":
+        torch.jit.save(torch.jit.script(DWAWeights()), str(path))
+    elif artifact.format.startswith("pt2"):
+        torch.export.save(_exported_program(artifact), str(path))
+    else:
+        path.write_bytes(onnx_bytes(artifact, opset))
+    return path
+
+
+def onnx_bytes(artifact: Artifact, opset: int = DEFAULT_OPSET) -> bytes:
+    """The serialised ONNX model: deterministic for a given toolchain."""
+    import onnx
+
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(
+            f"ONNX opset {opset} is not supported: the dynamo exporter writes opsets "
+            f"{MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})"
+        )
+    program = torch.onnx.export(
+        _exported_program(artifact),
+        dynamo=True,
+        input_names=list(INPUT_NAMES),
+        output_names=list(OUTPUT_NAMES),
+        opset_version=opset,
+        optimize=True,
+        verbose=False,
+        external_data=False,
+    )
+    model = _finalize_onnx(program.model_proto, artifact.batched)
+    onnx.checker.check_model(model, full_check=True)
+    return model.SerializeToString(deterministic=True)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _version(package: str) -> str | None:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def toolchain() -> dict[str, str | None]:
+    return {
+        "dwa_export": __version__,
+        "torch": torch.__version__,
+        "onnx": _version("onnx"),
+        "onnxscript": _version("onnxscript"),
+        "onnxruntime": _version("onnxruntime"),
+        "python": platform.python_version(),
+    }
+
+
+def describe(artifact: Artifact, path: Path) -> dict[str, Any]:
+    """The manifest entry of one written artifact, read back from the file where possible."""
+    entry: dict[str, Any] = {"sha256": sha256(path), "format": artifact.format, "dtype": artifact.dtype}
+    if artifact.format.startswith("onnx"):
+        import onnx
+
+        model = onnx.load(str(path))
+        entry["opset"] = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+        entry["ir_version"] = model.ir_version
+        entry["model_version"] = model.model_version
+
+        def io(values: Any) -> list[dict[str, Any]]:
+            out = []
+            for value in values:
+                tensor = value.type.tensor_type
+                shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+                out.append({"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name})
+            return out
+
+        entry["inputs"], entry["outputs"] = io(model.graph.input), io(model.graph.output)
+    else:
+        dtype = artifact.dtype or "float16 | bfloat16 | float32 | float64"
+        if artifact.format == "torchscript":
+            shapes = (["...", "K"], ["...", "K"], "broadcastable to [..., 1]", ["...", "K"])
+        elif artifact.batched:
+            shapes = (["N", "K"], ["N", "K"], ["N", 1], ["N", "K"])
+        else:
+            shapes = (["K"], ["K"], [], ["K"])
+        entry["inputs"] = [{"name": n, "shape": s, "dtype": dtype} for n, s in zip(INPUT_NAMES, shapes)]
+        entry["outputs"] = [{"name": OUTPUT_NAMES[0], "shape": shapes[3], "dtype": dtype}]
+    return entry
+
+
+def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
+    """Record what was written, with hashes and the producing toolchain.
+
+    Entries already in the manifest for files not rewritten now are kept.
+    """
+    path = out_dir / MANIFEST
+    manifest = read_manifest(out_dir) or {}
+    entries = dict(manifest.get("artifacts", {}))
+    for artifact in artifacts:
+        entries[artifact.filename] = describe(artifact, out_dir / artifact.filename)
+    manifest = {
+        "generator": f"dwa_export {__version__}",
+        "contract": "see README.md beside this file",
+        "toolchain": toolchain(),
+        "artifacts": dict(sorted(entries.items())),
+    }
+    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    return path
+
+
+def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def write_readme(out_dir: Path) -> Path:
+    """Copy the artifacts' README (I/O contract and loading snippets) beside them."""
+    path = out_dir / "README.md"
+    path.write_text(resources.files("dwa_export").joinpath("exported_readme.md").read_text())
+    return path

@@ -1,0 +1,112 @@
+"""The stored conformance set: ``tests/data/conformance.npz``.
+
+Inputs come from the package's deterministic grid (``dwa_export._conformance``);
+the expected weights and error bounds are computed here, with the tests' own
+float64 reference (``reference.py``), and stored. Regenerate after changing the
+grid with ``python tests/conformance.py``.
+
+Contract applied to the expected values: a row whose temperature is not finite
+and > 0, or whose rates are not all finite, is NaN.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from reference import dwa_weights  # noqa: E402
+
+PATH = Path(__file__).parent / "data" / "conformance.npz"
+DTYPES = ("float32", "float64")
+BASE = {"float32": 1e-6, "float64": 1e-12}
+
+
+@dataclass(frozen=True)
+class StoredCase:
+    name: str
+    dtype: str
+    loss_t1: np.ndarray
+    loss_t2: np.ndarray
+    temperature: np.ndarray
+    expected: np.ndarray
+    bound: float
+
+    @property
+    def batched(self) -> bool:
+        return self.loss_t1.ndim == 2
+
+    @property
+    def invalid_temperature(self) -> bool:
+        t = self.temperature.astype(np.float64)
+        return not bool(np.all(np.isfinite(t) & (t > 0)))
+
+    def __repr__(self) -> str:
+        return f"{self.dtype}:{self.name}"
+
+
+def expected_weights(loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        weights = dwa_weights(loss_t1, loss_t2, temperature)
+        rates = loss_t1.astype(np.float64) / loss_t2
+    t = np.asarray(temperature, dtype=np.float64)
+    valid = np.all(np.isfinite(rates), axis=-1, keepdims=True) & np.isfinite(t) & (t > 0)
+    return np.where(valid, weights, np.nan)
+
+
+def bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> float:
+    """max(BASE, 2 * eps * max|r/T| * K): exp(r/T) amplifies the rounding of r/T by |r/T|."""
+    with np.errstate(all="ignore"):
+        scaled = np.abs(loss_t1.astype(np.float64) / loss_t2 / temperature.astype(np.float64))
+    scaled = scaled[np.isfinite(scaled)]
+    worst = float(scaled.max()) if scaled.size else 0.0
+    return max(BASE[dtype], 2 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1])
+
+
+def generate(path: Path = PATH) -> None:
+    from dwa_export._conformance import case_inputs
+
+    pool: dict[bytes, str] = {}
+    arrays: dict[str, np.ndarray] = {}
+
+    def put(array: np.ndarray) -> str:
+        key = hashlib.sha256(array.dtype.str.encode() + str(array.shape).encode() + array.tobytes()).digest()
+        if key not in pool:
+            pool[key] = f"a{len(pool)}"
+            arrays[pool[key]] = array
+        return pool[key]
+
+    table = []
+    for dtype in DTYPES:
+        for case in case_inputs(dtype):
+            l1, l2, t = case.loss_t1, case.loss_t2, case.temperature
+            table.append(
+                (case.name, dtype, put(l1), put(l2), put(t), put(expected_weights(l1, l2, t)), bound(dtype, l1, l2, t))
+            )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        path,
+        names=np.array([row[0] for row in table]),
+        dtypes=np.array([row[1] for row in table]),
+        refs=np.array([row[2:6] for row in table]),
+        bounds=np.array([row[6] for row in table]),
+        **arrays,
+    )
+
+
+def load(path: Path = PATH) -> list[StoredCase]:
+    data = np.load(path)
+    return [
+        StoredCase(str(name), str(dtype), *(data[key] for key in refs), float(b))
+        for name, dtype, refs, b in zip(data["names"], data["dtypes"], data["refs"], data["bounds"])
+    ]
+
+
+if __name__ == "__main__":
+    generate()
+    cases = load()
+    print(f"wrote {PATH} ({PATH.stat().st_size / 1e3:.0f} kB, {len(cases)} cases)")

@@ -1,0 +1,278 @@
+"""The export pipeline: ONNX graph quality, opsets, dynamic shapes, reproducibility, manifest, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from dwa_export import DWAWeights
+from dwa_export._cli import main
+from dwa_export._export import MAX_OPSET, MIN_OPSET, Artifact, onnx_bytes, plan, quiet_exporters, toolchain
+from reference import dwa_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+EXPORTED = ROOT / "exported"
+COMMITTED = ["dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt2", "dwa_weights_batched.pt2"]
+MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())
+
+
+def session(model: bytes | Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # some calls below fail on purpose
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def run(sess, l1, l2, t):
+    return sess.run(["weights"], {"loss_t1": l1, "loss_t2": l2, "temperature": t})[0]
+
+
+@pytest.fixture(scope="module")
+def fresh_onnx() -> dict[str, bytes]:
+    with quiet_exporters():
+        return {a.filename: onnx_bytes(a) for a in plan(("onnx", "onnx-batched"))}
+
+
+# --------------------------------------------------------------------------- ONNX graph
+
+
+@pytest.mark.parametrize("name", ["dwa_weights.onnx", "dwa_weights_batched.onnx"])
+def test_onnx_model_is_documented_clean_and_small(name):
+    model = onnx.load(str(EXPORTED / name))
+    onnx.checker.check_model(model, full_check=True)
+    assert model.producer_name == "dwa_export" and model.producer_version
+    assert model.model_version >= 1 and "Dynamic Weight Average" in model.doc_string
+    assert [i.name for i in model.graph.input] == ["loss_t1", "loss_t2", "temperature"]
+    assert [o.name for o in model.graph.output] == ["weights"]
+    assert all(v.doc_string for v in (*model.graph.input, *model.graph.output))
+    ops = Counter(node.op_type for node in model.graph.node)
+    plumbing = {"Cast", "Shape", "Reshape", "Expand", "ConstantOfShape", "Size", "Range", "If", "Loop", "Identity"}
+    assert not plumbing & set(ops), ops
+    assert sum(ops.values()) <= 20, ops
+    assert not any(node.metadata_props for node in model.graph.node)
+    # Nothing path- or machine-dependent.
+    raw = (EXPORTED / name).read_bytes()
+    assert str(ROOT).encode() not in raw and b"site-packages" not in raw
+
+
+def test_onnx_io_shapes_are_symbolic():
+    def dims(model, index, output=False):
+        values = model.graph.output if output else model.graph.input
+        return [d.dim_param or d.dim_value for d in values[index].type.tensor_type.shape.dim]
+
+    single = onnx.load(str(EXPORTED / "dwa_weights.onnx"))
+    assert dims(single, 0) == dims(single, 1) == ["K"] and dims(single, 2) == [] and dims(single, 0, True) == ["K"]
+    batched = onnx.load(str(EXPORTED / "dwa_weights_batched.onnx"))
+    assert dims(batched, 0) == dims(batched, 1) == ["N", "K"] == dims(batched, 0, True)
+    assert dims(batched, 2) == ["N_or_1", 1]
+
+
+def test_dynamic_k_and_n_really_vary_at_run_time():
+    single, batched = session(EXPORTED / "dwa_weights.onnx"), session(EXPORTED / "dwa_weights_batched.onnx")
+    program = torch.export.load(str(EXPORTED / "dwa_weights.pt2")).module()
+    rng = np.random.default_rng(0)
+    for k in (1, 2, 5, 1000):
+        l1, l2 = rng.uniform(0.5, 2, k).astype(np.float32), rng.uniform(0.5, 2, k).astype(np.float32)
+        expected = dwa_weights(l1, l2, 2.0)
+        np.testing.assert_allclose(run(single, l1, l2, np.array(2.0, np.float32)), expected, atol=1e-5)
+        np.testing.assert_allclose(program(torch.from_numpy(l1), torch.from_numpy(l2), torch.tensor(2.0)), expected, atol=1e-5)
+        for n in (1, 4):
+            b1, b2 = rng.uniform(0.5, 2, (n, k)).astype(np.float32), rng.uniform(0.5, 2, (n, k)).astype(np.float32)
+            per_row = rng.uniform(0.5, 3, (n, 1)).astype(np.float32)
+            np.testing.assert_allclose(run(batched, b1, b2, per_row), dwa_weights(b1, b2, per_row), atol=1e-5)
+            shared = np.full((1, 1), 2.0, np.float32)
+            np.testing.assert_allclose(run(batched, b1, b2, shared), dwa_weights(b1, b2, 2.0), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["dwa_weights.onnx", "dwa_weights_batched.onnx"])
+def test_onnxruntime_rejects_mismatched_shapes(name):
+    sess = session(EXPORTED / name)
+    batched = "batched" in name
+    l1 = np.ones((2, 3) if batched else (3,), np.float32)
+    t = np.ones((2, 1) if batched else (), np.float32)
+    for l2 in (np.ones(l1.shape[:-1] + (1,), np.float32), np.ones(l1.shape[:-1] + (4,), np.float32)):
+        with pytest.raises(Exception, match="Concat|dimension"):
+            run(sess, l1, l2, t)
+
+
+@pytest.mark.parametrize("opset", range(MIN_OPSET, MAX_OPSET + 1))
+def test_every_supported_opset_exports_checks_and_runs(opset):
+    with quiet_exporters():
+        model_bytes = onnx_bytes(Artifact("onnx", "float32"), opset)
+    model = onnx.load_from_string(model_bytes)
+    onnx.checker.check_model(model, full_check=True)
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == opset
+    l1, l2 = np.array([0.75, 0.86, 0.5], np.float32), np.ones(3, np.float32)
+    np.testing.assert_allclose(run(session(model_bytes), l1, l2, np.array(2.0, np.float32)), dwa_weights(l1, l2, 2.0), atol=1e-6)
+
+
+def test_an_unsupported_opset_is_a_clear_error():
+    with pytest.raises(ValueError, match=f"opset 17 is not supported.*{MIN_OPSET} to {MAX_OPSET}"):
+        onnx_bytes(Artifact("onnx", "float32"), 17)
+
+
+def test_float16_onnx_runs_in_onnxruntime():
+    with quiet_exporters():
+        sess = session(onnx_bytes(Artifact("onnx", "float16")))
+    l1, l2 = np.array([0.75, 0.86], np.float16), np.ones(2, np.float16)
+    out = run(sess, l1, l2, np.array(2.0, np.float16))
+    assert out.dtype == np.float16
+    np.testing.assert_allclose(out.astype(np.float64), dwa_weights(l1, l2, 2.0), atol=2e-3)
+
+
+# --------------------------------------------------------------------------- reproducibility
+
+
+def test_onnx_export_is_byte_identical_from_another_checkout(tmp_path):
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "dwa_export", copy / "dwa_export")
+    script = (
+        "import sys, warnings; warnings.simplefilter('ignore');"
+        "from dwa_export._export import Artifact, onnx_bytes;"
+        "sys.stdout.buffer.write(onnx_bytes(Artifact('onnx-batched', 'float32')))"
+    )
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, check=True)
+    with quiet_exporters():
+        here = onnx_bytes(Artifact("onnx-batched", "float32"))
+    assert out.stdout == here
+
+
+def test_committed_onnx_matches_what_the_current_kernel_exports(fresh_onnx):
+    for name, fresh in fresh_onnx.items():
+        committed = (EXPORTED / name).read_bytes()
+        if toolchain()["torch"] == MANIFEST["toolchain"]["torch"] and toolchain()["onnxscript"] == MANIFEST["toolchain"]["onnxscript"]:
+            assert committed == fresh, f"exported/{name} is stale: run dwa-export and commit exported/"
+        # Whatever the toolchain: the same graph (ops, wiring, attributes, constants, I/O).
+        a, b = onnx.load_from_string(committed), onnx.load_from_string(fresh)
+        assert [(n.op_type, list(n.input), list(n.output), str(n.attribute)) for n in a.graph.node] == [
+            (n.op_type, list(n.input), list(n.output), str(n.attribute)) for n in b.graph.node
+        ], f"exported/{name} is stale: run dwa-export and commit exported/"
+        assert a.graph.initializer == b.graph.initializer and a.graph.input == b.graph.input
+
+
+def test_committed_torchscript_and_torch_export_match_the_current_kernel():
+    with quiet_exporters():
+        fresh_code = torch.jit.script(DWAWeights()).code
+        committed_code = torch.jit.load(str(EXPORTED / "dwa_weights.pt")).code
+    assert committed_code == fresh_code, "exported/dwa_weights.pt is stale: run dwa-export"
+    from dwa_export._export import _exported_program
+
+    for name, fmt in (("dwa_weights.pt2", "pt2"), ("dwa_weights_batched.pt2", "pt2-batched")):
+        committed = torch.export.load(str(EXPORTED / name))
+        fresh = _exported_program(Artifact(fmt, "float32"))
+        assert committed.graph_module.code == fresh.graph_module.code, f"exported/{name} is stale: run dwa-export"
+        assert str(committed.range_constraints) == str(fresh.range_constraints)
+
+
+def test_manifest_describes_every_committed_file():
+    entries = MANIFEST["artifacts"]
+    assert sorted(entries) == sorted(COMMITTED)
+    import hashlib
+
+    for name, entry in entries.items():
+        assert entry["sha256"] == hashlib.sha256((EXPORTED / name).read_bytes()).hexdigest(), name
+        assert {"format", "dtype", "inputs", "outputs"} <= entry.keys()
+        assert [i["name"] for i in entry["inputs"]] == ["loss_t1", "loss_t2", "temperature"]
+    assert entries["dwa_weights.onnx"]["opset"] == 18 and entries["dwa_weights.onnx"]["ir_version"] >= 8
+    assert entries["dwa_weights_batched.onnx"]["inputs"][0]["shape"] == ["N", "K"]
+    assert {"torch", "onnx", "onnxruntime", "onnxscript"} <= MANIFEST["toolchain"].keys()
+
+
+def test_exported_readme_is_the_packaged_one():
+    from importlib import resources
+
+    packaged = resources.files("dwa_export").joinpath("exported_readme.md").read_text()
+    assert (EXPORTED / "README.md").read_text() == packaged
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def test_cli_exports_and_verifies(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["--out", str(out), "--formats", "torchscript,onnx", "--dtype", "float32,float64,float16"]) == 0
+    text = capsys.readouterr().out
+    written = sorted(p.name for p in out.iterdir())
+    assert written == sorted(
+        ["README.md", "manifest.json", "dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_float64.onnx", "dwa_weights_float16.onnx"]
+    )
+    for name in ("dwa_weights.pt", "dwa_weights_float16.onnx"):
+        assert f"export  {out / name}" in text and f"verify  {out / name}" in text
+    table = text[text.index("artifact  "):]
+    assert "max abs err" in table and "load ms" in table and "call us" in table
+    assert table.count(" ok") == 4 and "FAILED" not in table
+    assert json.loads((out / "manifest.json").read_text())["artifacts"]["dwa_weights_float16.onnx"]["dtype"] == "float16"
+
+
+def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
+    shutil.copytree(EXPORTED, tmp_path / "exported")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()}
+    assert main(["--check", "--out", str(tmp_path / "exported")]) == 0
+    assert "all 5 artifacts verified" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()} == before  # nothing rewritten
+
+
+def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
+    out = tmp_path / "exported"
+    shutil.copytree(EXPORTED, out)
+    model = onnx.load(str(out / "dwa_weights.onnx"))
+    concat = next(n for n in model.graph.node if n.op_type == "Concat")
+    concat.input[0], concat.input[1] = concat.input[1], concat.input[0]  # swaps t-1 and t-2
+    onnx.save(model, str(out / "dwa_weights.onnx"))
+    assert main(["--check", "--out", str(out), "--formats", "onnx"]) == 1
+    err = capsys.readouterr().err
+    assert "sha256 differs from manifest.json" in err and "1 of 1 artifacts FAILED: dwa_weights.onnx" in err
+
+    # Even with the manifest updated to match, the numbers give it away.
+    manifest = json.loads((out / "manifest.json").read_text())
+    import hashlib
+
+    manifest["artifacts"]["dwa_weights.onnx"]["sha256"] = hashlib.sha256((out / "dwa_weights.onnx").read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["--check", "--out", str(out), "--formats", "onnx", "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "exceeds the bound" in captured.err and captured.out == ""
+
+
+def test_cli_check_without_artifacts_fails_clearly(tmp_path, capsys):
+    assert main(["--check", "--out", str(tmp_path)]) == 1
+    assert "manifest.json not found" in capsys.readouterr().err
+
+
+def test_cli_help_documents_the_io_contract_and_rejects_bad_options(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for fragment in ("dwa_weights_batched.onnx", "temperature [1, 1] or [N, 1]", "--opset", "--check", "Exit status"):
+        assert fragment in text
+    for bad in (["--opset", "17"], ["--formats", "tflite"], ["--dtype", "int8"]):
+        with pytest.raises(SystemExit) as info:
+            main(bad)
+        assert info.value.code == 2
+
+
+def test_python_dash_m_runs_the_cli_quietly(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "dwa_export", "--out", str(tmp_path), "--formats", "onnx,pt2"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "all 2 artifacts verified" in result.stdout
+    # torch's own progress lines and warnings stay out of the user's terminal.
+    for noise in ("[torch.onnx]", "Warning", "torchvision"):
+        assert noise not in result.stdout + result.stderr, noise
