@@ -86,39 +86,43 @@ class DWAHistory(HistoryCore):
         """
         if not isinstance(losses, Tensor):
             raise TypeError(f"losses must be a tensor of shape [..., K], got {type(losses).__name__}")
-        if losses.dim() == 0 or not losses.is_floating_point():
+        if losses.dim() == 0 or losses.shape[-1] == 0 or not losses.is_floating_point():
             raise ValueError(
-                f"losses must be a floating-point tensor of shape [..., K], got shape "
+                f"losses must be a floating-point tensor of shape [..., K] with K >= 1, got shape "
                 f"{list(losses.shape)} and dtype {losses.dtype}; stack the task losses, "
                 "e.g. torch.stack([loss_a, loss_b])"
             )
+        if weight is not None:  # checked before anything changes
+            weight = self._check_weight(weight, losses)
         num_tasks = losses.shape[-1]
         self._check_num_tasks(num_tasks)
         losses = losses.detach()
         if self._sum is None or self._sum.device != losses.device:
             self._follow(losses)
-        assert self._sum is not None
-        rows = losses.numel() // num_tasks if num_tasks else 0
+        total = self._sum
+        assert total is not None
 
-        if weight is None:
-            self._sum.add_(losses if losses.dim() == 1 else losses.reshape(-1, num_tasks).sum(0, dtype=self._sum.dtype))
-            self._weight += rows
-        elif isinstance(weight, Tensor):
-            weight = self._check_tensor_weight(weight, losses)
-            weighted = losses * weight.unsqueeze(-1)
-            self._sum.add_(weighted if weighted.dim() == 1 else weighted.reshape(-1, num_tasks).sum(0))
+        if isinstance(weight, Tensor):
+            weighted = losses * weight.to(total.dtype).unsqueeze(-1)
+            total.add_(weighted if weighted.dim() == 1 else weighted.reshape(-1, num_tasks).sum(0))
             if self._tensor_weight is None:
-                self._tensor_weight = torch.zeros((), dtype=self._sum.dtype, device=self._sum.device)
-            self._tensor_weight.add_(weight.sum())
+                self._tensor_weight = torch.zeros((), dtype=total.dtype, device=total.device)
+            self._tensor_weight.add_(weight.sum(dtype=total.dtype))
+            return
+        rows = losses.numel() // num_tasks
+        row_sum = losses if losses.dim() == 1 else losses.reshape(-1, num_tasks).sum(0, dtype=total.dtype)
+        if weight is None:
+            total.add_(row_sum)  # the common case: one in-place add, no allocation
+            self._weight += rows
         else:
-            value = check_batch_weight(weight)
-            self._sum.add_(
-                losses if losses.dim() == 1 else losses.reshape(-1, num_tasks).sum(0, dtype=self._sum.dtype),
-                alpha=value,
-            )
-            self._weight += value * rows
+            total.add_(row_sum, alpha=weight)
+            self._weight += weight * rows
 
-    def _check_tensor_weight(self, weight: Tensor, losses: Tensor) -> Tensor:
+    @staticmethod
+    def _check_weight(weight: float | Tensor, losses: Tensor) -> float | Tensor:
+        """A number, or a detached tensor expanded to the batch shape of ``losses``."""
+        if not isinstance(weight, Tensor):
+            return check_batch_weight(weight)
         batch_shape = losses.shape[:-1]
         if weight.device != losses.device:
             raise ValueError(f"weight is on {weight.device} but losses are on {losses.device}; move it")
@@ -131,8 +135,7 @@ class DWAHistory(HistoryCore):
                 f"weight of shape {list(weight.shape)} does not broadcast to the batch shape "
                 f"{list(batch_shape)} of losses {list(losses.shape)} (one weight per row of K losses)"
             )
-        assert self._sum is not None
-        return weight.detach().to(self._sum.dtype).expand(batch_shape)
+        return weight.detach().expand(batch_shape)
 
     def _follow(self, losses: Tensor) -> None:
         """Allocate the accumulator, or move the state to the losses' device."""

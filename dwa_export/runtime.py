@@ -130,11 +130,13 @@ class NumpyDWAHistory(HistoryCore):
     def record(self, losses: Any, weight: float | np.ndarray | None = None) -> None:
         """Add one batch of per-task losses (``[..., K]``); see :meth:`DWAHistory.record`."""
         losses = np.asarray(losses)
-        if losses.ndim == 0 or losses.dtype.kind != "f":
+        if losses.ndim == 0 or losses.shape[-1] == 0 or losses.dtype.kind != "f":
             raise ValueError(
-                f"losses must be a floating-point array of shape [..., K], got shape {list(losses.shape)} "
-                f"and dtype {losses.dtype}"
+                f"losses must be a floating-point array of shape [..., K] with K >= 1, got shape "
+                f"{list(losses.shape)} and dtype {losses.dtype}"
             )
+        if weight is not None and not isinstance(weight, np.ndarray):
+            weight = check_batch_weight(weight)  # before anything changes
         num_tasks = losses.shape[-1]
         self._check_num_tasks(num_tasks)
         if self._sum is None:
@@ -155,9 +157,8 @@ class NumpyDWAHistory(HistoryCore):
             self._sum += (rows * weights[:, None]).sum(axis=0, dtype=self._sum.dtype)
             self._weight += float(weights.sum(dtype=np.float64))
         else:
-            value = check_batch_weight(weight)
-            self._sum += rows.sum(axis=0, dtype=self._sum.dtype) * self._sum.dtype.type(value)
-            self._weight += value * len(rows)
+            self._sum += rows.sum(axis=0, dtype=self._sum.dtype) * self._sum.dtype.type(weight)
+            self._weight += weight * len(rows)
 
     def inputs(self) -> tuple[np.ndarray, np.ndarray]:
         """``(loss_t1, loss_t2)`` for the kernel; all ones (uniform weights) during warm-up."""

@@ -139,6 +139,7 @@ def test_a_shape_change_raises_and_tells_the_user_to_reset():
     "losses,weight,match",
     [
         (torch.tensor(1.0), None, "shape"),
+        (torch.ones(0), None, "K >= 1"),
         (torch.tensor([1, 2]), None, "floating-point"),
         ([1.0, 2.0], None, "must be a tensor"),
         (torch.ones(2), -1.0, "weight must be finite and >= 0"),
@@ -148,6 +149,10 @@ def test_a_shape_change_raises_and_tells_the_user_to_reset():
     ],
 )
 def test_bad_record_input_raises_clearly_and_changes_nothing(losses, weight, match):
+    fresh = DWAHistory()
+    with pytest.raises((ValueError, TypeError), match=match):
+        fresh.record(losses, weight)
+    assert fresh.state_dict() == DWAHistory().state_dict()  # not even K was fixed
     history = DWAHistory()
     history.record(torch.tensor([1.0, 1.0]))
     before = history.state_dict()
