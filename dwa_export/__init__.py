@@ -22,13 +22,24 @@ _LAZY = {
     "LossHistoryError": "._history_core",
 }
 
-__all__ = ["DWA", "DWAHistory", "DWAWeights", "LossHistoryError", "__version__"]
+__all__ = ["DWA", "DWAHistory", "DWAWeights", "LossHistoryError", "__version__", "include_dir"]
 
 if TYPE_CHECKING:
     from ._history import DWAHistory
     from ._history_core import LossHistoryError
     from ._kernel import DWAWeights
     from ._loss import DWA
+
+
+def include_dir() -> str:
+    """The folder holding the C++ header ``dwa/history.hpp`` (add it with ``-I``).
+
+    Like ``torch.utils.cmake_prefix_path``: ``cmake -DDWA_INCLUDE_DIR=$(python -c
+    "import dwa_export; print(dwa_export.include_dir())")``.
+    """
+    from pathlib import Path
+
+    return str(Path(__file__).resolve().parent / "include")
 
 
 def __getattr__(name: str) -> Any:
