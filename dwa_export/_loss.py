@@ -102,10 +102,11 @@ class DWA(nn.Module):
             self._update_weights()
             weights = self._weights
             assert weights is not None
-        if weights.dtype != losses.dtype:
+        if weights.dtype is not losses.dtype:
             weights = weights.to(losses.dtype)
-        weighted = torch.matmul(losses, weights)
-        return weighted if weighted.dim() == 0 else weighted.mean()
+        if losses.dim() == 1:
+            return torch.dot(losses, weights)
+        return torch.matmul(losses, weights).mean()
 
     def step(self) -> None:
         """Close the epoch (see :meth:`DWAHistory.step`) and compute the next epoch's weights."""
