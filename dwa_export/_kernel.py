@@ -61,8 +61,9 @@ class DWAWeights(nn.Module):
             (e.g. a per-row ``[N, 1]``). A plain number works in eager mode.
 
     Returns:
-        ``[..., K]`` weights with the shape and dtype of ``loss_t1``. float16 and
-        bfloat16 inputs are computed in float32.
+        ``[..., K]`` weights with the shape and dtype of ``loss_t1``, carrying no
+        gradient (DWA treats them as constants). float16 and bfloat16 inputs are
+        computed in float32.
 
     Invalid input never gives finite, plausible-looking weights:
 
@@ -89,27 +90,34 @@ class DWAWeights(nn.Module):
                 temperature = torch.as_tensor(temperature, dtype=loss_t1.dtype, device=loss_t1.device)
         _check_pair(loss_t1, loss_t2)
         out_dtype = loss_t1.dtype
+        compute_dtype = torch.float32 if out_dtype == torch.float16 or out_dtype == torch.bfloat16 else out_dtype
+        # DWA weights are constants to autograd; detaching also makes the
+        # in-place steps below safe.
+        loss_t1, loss_t2 = loss_t1.detach().to(compute_dtype), loss_t2.detach().to(compute_dtype)
+        eager = torch.jit.is_scripting() or not torch.compiler.is_compiling()
+        if eager:
+            rates = loss_t1 / loss_t2  # _check_pair has rejected mismatched shapes
+        else:
+            # An exported graph cannot raise: stacking (not broadcasting) makes
+            # every runtime reject mismatched shapes.
+            pair = torch.stack((loss_t1, loss_t2))
+            rates = pair[0] / pair[1]
 
-        # Stacking (not broadcasting) makes every runtime reject mismatched shapes.
-        pair = torch.stack((loss_t1, loss_t2))
-        if out_dtype == torch.float16 or out_dtype == torch.bfloat16:
-            pair = pair.float()
-        rates = pair[0] / pair[1]
+        valid_temperature = (temperature > 0) & (temperature < math.inf)
+        if eager and not bool(valid_temperature.all()):
+            _raise_invalid_temperature(temperature, valid_temperature)
+        # NaN and +inf rates poison the row through the max below; -inf rates
+        # (e.g. -1 / 0) would silently get weight 0, and T <= 0 or T = inf would
+        # give plausible weights, so those rows become NaN at the end. The mask is
+        # [..., 1]-sized: it costs nothing on the [..., K] path.
+        valid = valid_temperature & (rates.amin(-1, keepdim=True) > -math.inf)
 
         # Subtracting the max first keeps exp() in (0, 1]; the shift is exact for
         # close rates, so tiny temperatures lose no more than the division does.
-        exps = torch.exp((rates - rates.amax(-1, keepdim=True)) / temperature)
-        valid_temperature = (temperature > 0) & (temperature < math.inf)
-        if torch.jit.is_scripting() or not torch.compiler.is_compiling():
-            if not bool(valid_temperature.all()):
-                _raise_invalid_temperature(temperature, valid_temperature)
-
-        # NaN and +inf rates already poison the row through the max; -inf rates
-        # (e.g. -1 / 0) would silently get weight 0, and T <= 0 or T = inf would
-        # give plausible weights, so those rows become NaN here. The mask is
-        # [..., 1]-sized, so this costs nothing on the [..., K] path.
-        valid = valid_temperature & (rates.amin(-1, keepdim=True) > -math.inf)
-        weights = exps / torch.where(valid, exps.mean(-1, keepdim=True), math.nan)
+        # In place: ``rates`` is our own buffer, and large batches are bound by
+        # memory traffic.
+        exps = rates.sub_(rates.amax(-1, keepdim=True)).div_(temperature).exp_()
+        weights = exps.div_(torch.where(valid, exps.mean(-1, keepdim=True), math.nan))
         if weights.dtype != out_dtype:
             weights = weights.to(out_dtype)
         return weights
