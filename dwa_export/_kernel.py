@@ -103,21 +103,27 @@ class DWAWeights(nn.Module):
             pair = torch.stack((loss_t1, loss_t2))
             rates = pair[0] / pair[1]
 
-        valid_temperature = (temperature > 0) & (temperature < math.inf)
-        if eager and not bool(valid_temperature.all()):
-            _raise_invalid_temperature(temperature, valid_temperature)
-        # NaN and +inf rates poison the row through the max below; -inf rates
-        # (e.g. -1 / 0) would silently get weight 0, and T <= 0 or T = inf would
-        # give plausible weights, so those rows become NaN at the end. The mask is
-        # [..., 1]-sized: it costs nothing on the [..., K] path.
-        valid = valid_temperature & (rates.amin(-1, keepdim=True) > -math.inf)
+        if eager:
+            valid_temperature = (temperature > 0) & (temperature < math.inf)
+            if not bool(valid_temperature.all()):
+                _raise_invalid_temperature(temperature, valid_temperature)
+
+        # Rows that must not get plausible weights become NaN, by arithmetic
+        # rather than masks (which ONNX Runtime broadcasts slowly): x - x is 0
+        # for finite x and NaN for NaN or +-inf. log(T) is finite only for
+        # 0 < T < inf, and the smallest rate is -inf when a rate like -1 / 0
+        # would otherwise silently get weight 0. NaN and +inf rates already
+        # poison their row through the max.
+        log_temperature = torch.log(temperature)
+        smallest = rates.amin(-1, keepdim=True)
+        poison = (log_temperature - log_temperature) + (smallest - smallest)
 
         # Subtracting the max first keeps exp() in (0, 1]; the shift is exact for
         # close rates, so tiny temperatures lose no more than the division does.
         # In place: ``rates`` is our own buffer, and large batches are bound by
         # memory traffic.
         exps = rates.sub_(rates.amax(-1, keepdim=True)).div_(temperature).exp_()
-        weights = exps.div_(torch.where(valid, exps.mean(-1, keepdim=True), math.nan))
+        weights = exps.div_(exps.mean(-1, keepdim=True) + poison)
         if weights.dtype != out_dtype:
             weights = weights.to(out_dtype)
         return weights
