@@ -26,6 +26,8 @@ I/O contract (K tasks, N rows; K and N are symbolic, chosen at run time):
   raise in TorchScript and give NaN rows elsewhere; zero, NaN or infinite losses give NaN rows.
   float32 files by default; --dtype float64/float16 add *_float64 / *_float16 files.
 Exit status: 0 when every artifact passed, 1 when any check failed, 2 on bad arguments.
+
+`dwa-export bench [--quick] [--json FILE]` runs the benchmark instead (see its --help).
 """
 
 
@@ -97,6 +99,11 @@ def _us(seconds: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:
+        from ._bench import main as bench
+
+        return bench(argv[1:])
     args = build_parser().parse_args(argv)
     from ._export import MAX_OPSET, MIN_OPSET
 
