@@ -68,7 +68,8 @@ class DWA(nn.Module):
         self.history = DWAHistory(num_tasks, distributed=distributed, process_group=process_group)
         self.kernel = DWAWeights()
         self._temperature = check_temperature(temperature)
-        self._weights: Tensor | None = None
+        self._weights: Tensor | None = None  # on the history's device, None until needed
+        self._hot_weights: Tensor | None = None  # _weights as the last [K] losses need them
 
     @property
     def temperature(self) -> float:
@@ -78,7 +79,7 @@ class DWA(nn.Module):
     @temperature.setter
     def temperature(self, value: float) -> None:
         self._temperature = check_temperature(value)
-        self._weights = None  # recomputed on next use
+        self._set_weights(None)  # recomputed on next use
 
     @property
     def weights(self) -> Tensor:
@@ -97,15 +98,25 @@ class DWA(nn.Module):
         synchronisation.
         """
         self.history.record(losses, weight)
+        hot = self._hot_weights
+        if hot is not None:
+            try:  # the hot path: [K] losses of the dtype and device of the last ones
+                return torch.dot(losses, hot)
+            except RuntimeError:
+                pass
+        return self._weighted_sum(losses)
+
+    def _weighted_sum(self, losses: Tensor) -> Tensor:
         weights = self._weights
         if weights is None or weights.device != losses.device:
             self._update_weights()
             weights = self._weights
             assert weights is not None
-        if weights.dtype is not losses.dtype:
-            weights = weights.to(losses.dtype)
+        weights = weights.to(losses.dtype)
         if losses.dim() == 1:
+            self._hot_weights = weights
             return torch.dot(losses, weights)
+        self._hot_weights = None  # batched losses: no dot attempt on the next call
         return torch.matmul(losses, weights).mean()
 
     def step(self) -> None:
@@ -121,13 +132,16 @@ class DWA(nn.Module):
     def reset(self) -> None:
         """Forget the history; the weights return to uniform."""
         self.history.reset()
-        self._weights = None
+        self._set_weights(None)
 
     def _update_weights(self) -> None:
         loss_t1, loss_t2 = self.history.inputs()
-        with torch.no_grad():
-            temperature = torch.tensor(self._temperature, dtype=loss_t1.dtype, device=loss_t1.device)
-            self._weights = self.kernel(loss_t1, loss_t2, temperature)
+        temperature = torch.tensor(self._temperature, dtype=loss_t1.dtype, device=loss_t1.device)
+        self._set_weights(self.kernel(loss_t1, loss_t2, temperature))
+
+    def _set_weights(self, weights: Tensor | None) -> None:
+        self._weights = weights
+        self._hot_weights = None
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"temperature": self._temperature, "history": self.history.state_dict()}
@@ -141,7 +155,7 @@ class DWA(nn.Module):
         temperature = check_temperature(state["temperature"])
         self.history.load_state_dict(state["history"])
         self._temperature = temperature
-        self._weights = None  # recomputed on next use, on the device of the next losses
+        self._set_weights(None)  # recomputed on next use, on the device of the next losses
 
     def extra_repr(self) -> str:
         return f"temperature={self._temperature}, num_tasks={self.history.num_tasks}, ready={self.history.ready}"

@@ -154,3 +154,30 @@ def test_half_precision_losses_get_a_half_precision_loss():
     out = dwa(losses)
     assert out.dtype == torch.float16 and out.item() == 0.75
 
+
+
+def test_the_weighted_sum_follows_each_call_s_shape_and_dtype():
+    # The per-batch path caches the weights for the last losses' dtype; a call
+    # with another dtype or with batched losses must not reuse them wrongly.
+    dwa = DWA(temperature=0.5)
+    for losses in ([1.0, 2.0, 0.5], [0.9, 1.9, 0.5]):
+        dwa(torch.tensor(losses))
+        dwa.step()
+    w = epoch_weights([[[1.0, 2.0, 0.5]], [[0.9, 1.9, 0.5]], [[0.0, 0.0, 0.0]]], 0.5)[2]
+    calls = [
+        (torch.tensor([0.8, 1.7, 0.4]), torch.float32),
+        (torch.tensor([0.8, 1.7, 0.4]), torch.float32),
+        (torch.tensor([0.7, 1.6, 0.4], dtype=torch.float64), torch.float64),
+        (torch.tensor([[0.7, 1.6, 0.4], [0.9, 1.8, 0.2]]), torch.float32),
+        (torch.tensor([0.6, 1.5, 0.3], dtype=torch.bfloat16), torch.bfloat16),
+        (torch.tensor([0.6, 1.5, 0.3]), torch.float32),
+    ]
+    for losses, dtype in calls:
+        out = dwa(losses)
+        expected = float(np.mean(losses.double().numpy() @ w))
+        assert out.dtype == dtype and out.dim() == 0
+        assert out.item() == pytest.approx(expected, rel=1e-2 if dtype is torch.bfloat16 else 1e-6)
+    dwa.temperature = 4.0  # new weights: the cached ones must go
+    losses = torch.tensor([0.6, 1.5, 0.3])
+    w4 = epoch_weights([[[1.0, 2.0, 0.5]], [[0.9, 1.9, 0.5]], [[0.0, 0.0, 0.0]]], 4.0)[2]
+    assert dwa(losses).item() == pytest.approx(float(losses.double().numpy() @ w4), rel=1e-6)
