@@ -49,6 +49,9 @@ class Case:
         t = self.temperature.astype(np.float64)
         return not bool(np.all(np.isfinite(t) & (t > 0)))
 
+    def __repr__(self) -> str:  # names the case in assertion messages, not its arrays
+        return f"{self.dtype}:{self.name}"
+
 
 def error_bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> float:
     with np.errstate(divide="ignore", invalid="ignore"):

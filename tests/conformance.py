@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,32 +20,11 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from reference import dwa_weights  # noqa: E402
 
+from dwa_export._conformance import Case  # noqa: E402  (only the container: values are computed here)
+
 PATH = Path(__file__).parent / "data" / "conformance.npz"
 DTYPES = ("float32", "float64")
 BASE = {"float32": 1e-6, "float64": 1e-12}
-
-
-@dataclass(frozen=True)
-class StoredCase:
-    name: str
-    dtype: str
-    loss_t1: np.ndarray
-    loss_t2: np.ndarray
-    temperature: np.ndarray
-    expected: np.ndarray
-    bound: float
-
-    @property
-    def batched(self) -> bool:
-        return self.loss_t1.ndim == 2
-
-    @property
-    def invalid_temperature(self) -> bool:
-        t = self.temperature.astype(np.float64)
-        return not bool(np.all(np.isfinite(t) & (t > 0)))
-
-    def __repr__(self) -> str:
-        return f"{self.dtype}:{self.name}"
 
 
 def expected_weights(loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> np.ndarray:
@@ -98,10 +76,10 @@ def generate(path: Path = PATH) -> None:
     )
 
 
-def load(path: Path = PATH) -> list[StoredCase]:
+def load(path: Path = PATH) -> list[Case]:
     data = np.load(path)
     return [
-        StoredCase(str(name), str(dtype), *(data[key] for key in refs), float(b))
+        Case(str(name), str(dtype), *(data[key] for key in refs), float(b))
         for name, dtype, refs, b in zip(data["names"], data["dtypes"], data["refs"], data["bounds"])
     ]
 

@@ -20,7 +20,7 @@ EXPORTED = ROOT / "exported"
 CASES = conformance.load()
 
 
-def by(dtype: str, batched: bool | None = None) -> list[conformance.StoredCase]:
+def by(dtype: str, batched: bool | None = None) -> list[conformance.Case]:
     return [c for c in CASES if c.dtype == dtype and (batched is None or c.batched == batched)]
 
 
