@@ -45,6 +45,19 @@ def bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.
     return max(BASE[dtype], 2 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1])
 
 
+def assert_conforms(case: Case, got: np.ndarray) -> float:
+    """Check one runtime's weights for ``case``: dtype, shape, NaN rows, bound. Returns error / bound."""
+    assert got.dtype == case.loss_t1.dtype and got.shape == case.expected.shape, case
+    got = got.astype(np.float64)
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(case.expected), err_msg=repr(case))
+    finite = ~np.isnan(case.expected)
+    if not finite.any():
+        return 0.0
+    error = np.max(np.abs(got[finite] - case.expected[finite]))
+    assert error <= case.bound, f"{case}: error {error:.3g} > bound {case.bound:.3g}"
+    return error / case.bound
+
+
 def generate(path: Path = PATH) -> None:
     from dwa_export._conformance import case_inputs
 

@@ -57,15 +57,7 @@ def check(run, cases, raises_on_invalid_temperature: bool) -> float:
             with pytest.raises(Exception, match="temperature must be finite and > 0"):
                 run(case.loss_t1, case.loss_t2, case.temperature)
             continue
-        got = run(case.loss_t1, case.loss_t2, case.temperature)
-        assert got.dtype == case.loss_t1.dtype and got.shape == case.expected.shape, case
-        got = got.astype(np.float64)
-        np.testing.assert_array_equal(np.isnan(got), np.isnan(case.expected), err_msg=repr(case))
-        finite = ~np.isnan(case.expected)
-        if finite.any():
-            error = np.max(np.abs(got[finite] - case.expected[finite]))
-            assert error <= case.bound, f"{case}: error {error:.3g} > bound {case.bound:.3g}"
-            worst = max(worst, error / case.bound)
+        worst = max(worst, conformance.assert_conforms(case, run(case.loss_t1, case.loss_t2, case.temperature)))
     return worst
 
 
