@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ._reference import reference_weights
+from ._reference import reference_weights, valid_rows
 
 __all__ = ["Case", "case_inputs", "error_bound", "make_case"]
 
@@ -54,9 +54,11 @@ class Case:
 
 
 def error_bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> float:
-    with np.errstate(divide="ignore", invalid="ignore"):
+    """``max(BASE[dtype], 2 * eps * max|r/T| * K)`` over the rows that get finite weights."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         scaled = np.abs((loss_t1.astype(np.float64) / loss_t2) / temperature.astype(np.float64))
-    finite = scaled[np.isfinite(scaled)]
+    rows = valid_rows(loss_t1, loss_t2) & np.isfinite(temperature.astype(np.float64)) & (temperature > 0)
+    finite = scaled[np.broadcast_to(rows, scaled.shape) & np.isfinite(scaled)]
     worst = float(finite.max()) if finite.size else 0.0
     return max(BASE[dtype], 2.0 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1])
 
@@ -84,24 +86,87 @@ def _rates(family: str, shape: tuple[int, ...], rng: np.random.Generator) -> tup
     return loss_t2 * rates, loss_t2
 
 
-def _special(dtype: str) -> Iterator[Case]:
-    """Zero, NaN, infinite inputs and invalid temperatures: NaN rows, never plausible weights."""
+GOOD_ROW = ([0.5, 0.8, 0.9], [1.0, 1.0, 1.0])
+GOOD_ROW_2 = ([1.2, 0.7, 1.05], [1.5, 1.0, 1.0])
+# Values that make a row invalid wherever they sit, in either input.
+BAD_VALUES = {"0": 0.0, "-0": -0.0, "nan": float("nan"), "inf": float("inf"), "-inf": float("-inf")}
+COLUMNS = ("first", "middle", "last")
+
+
+def invalid_rows(dtype: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Named [3]-task rows the kernel must turn into NaN (one bad spot each, plus a few combined).
+
+    Every value of ``BAD_VALUES`` in ``loss_t1`` and in ``loss_t2``, and a change
+    of sign each way, in the first, middle and last column; 0/0, NaN/NaN, inf/inf;
+    and valid losses whose rate is not representable in the dtype's compute dtype.
+    """
+    rows: dict[str, tuple[list[float], list[float]]] = {}
+    for column, where in enumerate(COLUMNS):
+        for label, value in BAD_VALUES.items():
+            l1, l2 = list(GOOD_ROW[0]), list(GOOD_ROW[1])
+            l1[column] = value
+            rows[f"loss_t1={label}/{where}"] = (l1, list(GOOD_ROW[1]))
+            l2[column] = value
+            rows[f"loss_t2={label}/{where}"] = (list(GOOD_ROW[0]), l2)
+        l1 = list(GOOD_ROW[0])
+        l1[column] = -l1[column]
+        rows[f"sign-change/+to-/{where}"] = (l1, list(GOOD_ROW[1]))  # was positive (t-2), now negative
+        l2 = list(GOOD_ROW[1])
+        l2[column] = -l2[column]
+        rows[f"sign-change/-to+/{where}"] = (list(GOOD_ROW[0]), l2)
     nan, inf = float("nan"), float("inf")
-    good = ([0.5, 0.8, 0.9], [1.0, 1.0, 1.0])
+    rows["zero-over-zero"] = ([0.0, 0.8, 0.9], [0.0, 1.0, 1.0])
+    rows["negative-over-zero"] = ([-1.0, 0.8, 0.9], [0.0, 1.0, 1.0])
+    rows["nan-over-nan"] = ([nan, 0.8, 0.9], [nan, 1.0, 1.0])
+    rows["inf-over-inf"] = ([inf, 0.8, 0.9], [inf, 1.0, 1.0])
+    rows["all-negative-but-one"] = ([-0.5, -0.8, 0.9], [-1.0, -1.0, -1.0])
+    # Valid losses, rate not representable in the compute dtype (float32 for float16).
+    info = np.finfo(np.float64 if dtype == "float64" else np.float32)
+    if dtype != "float16":  # float16 losses cannot make a float32 rate overflow or underflow
+        rows["rate-overflows"] = ([float(info.max) / 4, 0.8, 0.9], [0.125, 1.0, 1.0])
+        rows["rate-underflows-to-zero"] = ([float(info.smallest_subnormal), 0.8, 0.9], [4.0, 1.0, 1.0])
+    return rows
+
+
+def valid_edge_rows(dtype: str) -> dict[str, tuple[list[float], list[float]]]:
+    """Rows near the invalid set that must still get finite weights."""
     rows = {
-        "zero-denominator": ([1.0, 0.8, 0.9], [0.0, 1.0, 1.0]),
-        "negative-over-zero": ([-1.0, 0.8, 0.9], [0.0, 1.0, 1.0]),
-        "zero-over-zero": ([0.0, 0.8, 0.9], [0.0, 1.0, 1.0]),
-        "nan-loss": ([nan, 0.8, 0.9], [1.0, 1.0, 1.0]),
-        "inf-loss": ([inf, 0.8, 0.9], [1.0, 1.0, 1.0]),
-        "minus-inf-loss": ([-inf, 0.8, 0.9], [1.0, 1.0, 1.0]),
+        "both-negative": ([-0.5, -0.8, -0.9], [-1.0, -1.0, -1.0]),
+        "negative-column": ([-0.5, 0.8, 0.9], [-1.0, 1.0, 1.0]),
     }
-    for name, (l1, l2) in rows.items():
+    if dtype != "float16":
+        info = np.finfo(np.float64 if dtype == "float64" else np.float32)
+        rows["subnormal-rate"] = ([float(info.smallest_subnormal) * 8, 0.8, 0.9], [1.0, 1.0, 1.0])
+        rows["large-rate"] = ([float(info.max) / 4, 0.8, 0.9], [1.0, 1.0, 1.0])
+        rows["tiny-losses"] = ([float(info.tiny) * 0.5, float(info.tiny), 0.9], [float(info.tiny), float(info.tiny), 1.0])
+    return rows
+
+
+def _special(dtype: str) -> Iterator[Case]:
+    """Invalid losses and temperatures: NaN rows exactly where the contract says, never plausible weights."""
+    bad = invalid_rows(dtype)
+    for name, (l1, l2) in {**bad, **valid_edge_rows(dtype)}.items():
         yield make_case(f"special/{name}", dtype, l1, l2, 2.0)
-        yield make_case(f"special/{name}/batched", dtype, [l1, good[0]], [l2, good[1]], 2.0)
+        # Batched, between good rows: only the bad row goes NaN.
+        yield make_case(
+            f"special/{name}/batched", dtype, [GOOD_ROW[0], l1, GOOD_ROW_2[0]], [GOOD_ROW[1], l2, GOOD_ROW_2[1]], 2.0
+        )
+    # Every invalid row in one batch, each followed by a good row.
+    names = sorted(bad)
+    l1s = [row for name in names for row in (bad[name][0], GOOD_ROW_2[0])]
+    l2s = [row for name in names for row in (bad[name][1], GOOD_ROW_2[1])]
+    yield make_case("special/mixed-batch", dtype, l1s, l2s, 2.0)
+    nan, inf = float("nan"), float("inf")
     for t in (0.0, -0.0, -2.0, inf, -inf, nan):
-        yield make_case(f"special/temperature={t}", dtype, *good, t)
-        yield make_case(f"special/temperature={t}/per-row", dtype, [good[0], good[0]], [good[1], good[1]], [[2.0], [t]])
+        yield make_case(f"special/temperature={t}", dtype, *GOOD_ROW, t)
+        yield make_case(
+            f"special/temperature={t}/per-row", dtype, [GOOD_ROW[0], GOOD_ROW[0]], [GOOD_ROW[1], GOOD_ROW[1]], [[2.0], [t]]
+        )
+    # Bad losses, bad temperatures and good rows with their own temperatures, in one batch.
+    picks = ("loss_t1=0/first", "loss_t2=inf/middle", "sign-change/-to+/last", "loss_t1=nan/last")
+    rows = [bad[p] for p in picks] + [GOOD_ROW, GOOD_ROW_2, GOOD_ROW, GOOD_ROW_2]
+    temperatures = [[2.0], [0.5], [1.0], [2.0], [-1.0], [0.5], [nan], [1.0]]
+    yield make_case("special/mixed-batch/per-row-T", dtype, [r[0] for r in rows], [r[1] for r in rows], temperatures)
 
 
 def case_inputs(dtype: str = "float32") -> list[Case]:

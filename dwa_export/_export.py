@@ -52,9 +52,11 @@ MANIFEST = "manifest.json"
 _ONNX_DOC = (
     "Dynamic Weight Average weights (Liu et al., CVPR 2019): "
     "w_k = K * exp(r_k / T) / sum_j exp(r_j / T), r_k = loss_t1[k] / loss_t2[k], over the last axis. "
-    "Weights are positive and sum to K. Rows whose temperature is not finite and > 0, or whose rates "
-    "are not all finite (a zero, NaN or infinite loss), are NaN. loss_t1 and loss_t2 must have the "
-    "same shape (they are concatenated, never broadcast). Produced by dwa_export."
+    "Weights are positive and sum to K. A row is NaN when its temperature is not finite and > 0, when "
+    "either loss has a zero, NaN or infinite entry, when a task's loss changed sign (one negative, one "
+    "positive), or when a rate over- or underflows the dtype: every rate must be finite and > 0. "
+    "loss_t1 and loss_t2 must have the same shape (they are concatenated, never broadcast). "
+    "Produced by dwa_export."
 )
 _IO_DOCS = {
     "loss_t1": "Epoch-average task losses of epoch t-1, last axis K.",

@@ -28,6 +28,10 @@ def _check_pair(loss_t1: Tensor, loss_t2: Tensor) -> None:
         raise ValueError("DWAWeights: the losses must be floating point, got {}".format(loss_t1.dtype))
     if loss_t1.dim() == 0:
         raise ValueError("DWAWeights: the losses must have shape [..., K], got a 0-d tensor")
+    if loss_t1.size(-1) == 0:
+        raise ValueError(
+            "DWAWeights: the losses must have shape [..., K] with K >= 1 tasks, got shape {}".format(loss_t1.shape)
+        )
 
 
 def _raise_invalid_temperature(temperature: Tensor, valid: Tensor) -> None:
@@ -70,11 +74,22 @@ class DWAWeights(nn.Module):
     * shapes or dtypes of ``loss_t1`` and ``loss_t2`` that differ raise (after
       export, the runtime rejects mismatched shapes: the two inputs are stacked,
       never broadcast);
+    * K = 0 (an empty last dimension) raises ``ValueError``;
     * a temperature that is not finite and > 0 raises ``ValueError`` in eager
       mode and TorchScript (one host read per call); an exported graph, and code
       under ``torch.compile``, return NaN weights for the affected rows instead;
-    * a zero, NaN or infinite loss, i.e. a rate that is NaN or infinite, makes
-      the whole row NaN.
+    * a row whose losses include a zero, a NaN or an infinity (in either input),
+      or whose loss changed sign between the epochs (one negative, one
+      positive), is all NaN: the same averages that ``DWAHistory.step()``
+      rejects. Both losses negative is fine (a positive rate).
+
+    Put differently, a row is valid iff every rate ``r_k = loss_t1[k] / loss_t2[k]``,
+    computed in the compute dtype (float32 for float16/bfloat16 inputs), is finite
+    and > 0. That also makes a row NaN when valid losses give a rate that is not
+    representable: one that overflows (``|r| > 3.4e38`` in float32, ``1.8e308`` in
+    float64) or underflows to zero (below ``1.4e-45`` / ``4.9e-324``), i.e. losses
+    that moved by more than ~76 (float32) or ~630 (float64) orders of magnitude in
+    one epoch. Subnormal rates are valid.
 
     Example:
         >>> import torch
@@ -110,13 +125,17 @@ class DWAWeights(nn.Module):
 
         # Rows that must not get plausible weights become NaN, by arithmetic
         # rather than masks (which ONNX Runtime broadcasts slowly): x - x is 0
-        # for finite x and NaN for NaN or +-inf. log(T) is finite only for
-        # 0 < T < inf, and the smallest rate is -inf when a rate like -1 / 0
-        # would otherwise silently get weight 0. NaN and +inf rates already
-        # poison their row through the max.
-        log_temperature = torch.log(temperature)
-        smallest = rates.amin(-1, keepdim=True)
-        poison = (log_temperature - log_temperature) + (smallest - smallest)
+        # for finite x and NaN for NaN or +-inf, and log(x) is finite only for
+        # 0 < x < inf. So ``guard - guard`` is 0 iff T and the row's smallest
+        # rate are both finite and > 0, which is every rate in the row being
+        # finite and > 0 except +inf, and a +inf (or NaN) rate already poisons
+        # its row through the max below (inf - inf). A rate <= 0 or -inf is a
+        # zero or infinite loss in either input, or a change of sign; NaN
+        # propagates through amin. Summing the two logs (each in (-746, 710)
+        # for a finite positive double) cannot overflow. In place on amin's
+        # fresh [..., 1] output.
+        guard = rates.amin(-1, keepdim=True).log_().add_(torch.log(temperature))
+        poison = guard.sub_(guard)
 
         # Subtracting the max first keeps exp() in (0, 1]; the shift is exact for
         # close rates, so tiny temperatures lose no more than the division does.

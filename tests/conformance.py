@@ -5,8 +5,10 @@ the expected weights and error bounds are computed here, with the tests' own
 float64 reference (``reference.py``), and stored. Regenerate after changing the
 grid with ``python tests/conformance.py``.
 
-Contract applied to the expected values: a row whose temperature is not finite
-and > 0, or whose rates are not all finite, is NaN.
+Contract applied to the expected values (``valid`` below): a row whose
+temperature is not finite and > 0, or whose losses include a zero, NaN or
+infinite value in either epoch or change sign between them, or whose rate is
+not representable in the inputs' dtype, is NaN.
 """
 
 from __future__ import annotations
@@ -27,20 +29,34 @@ DTYPES = ("float32", "float64")
 BASE = {"float32": 1e-6, "float64": 1e-12}
 
 
+def valid(loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> np.ndarray:
+    """The contract's valid rows, written out from the losses themselves.
+
+    A row is invalid when a loss in either epoch is zero, NaN or infinite, when a
+    task's loss has opposite signs in the two epochs, or when its rate overflows
+    or underflows to zero in the inputs' dtype (the kernel's compute dtype for
+    float32/float64); or when its temperature is not finite and > 0.
+    """
+    l1, l2 = loss_t1.astype(np.float64), loss_t2.astype(np.float64)
+    ok = np.isfinite(l1) & np.isfinite(l2) & (l1 != 0) & (l2 != 0) & ((l1 < 0) == (l2 < 0))
+    with np.errstate(all="ignore"):
+        rate = loss_t1 / loss_t2  # in the inputs' own dtype, like the kernel
+    ok &= np.isfinite(rate) & (rate != 0)
+    t = np.asarray(temperature, dtype=np.float64)
+    return np.all(ok, axis=-1, keepdims=True) & np.isfinite(t) & (t > 0)
+
+
 def expected_weights(loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> np.ndarray:
     with np.errstate(all="ignore"):
         weights = dwa_weights(loss_t1, loss_t2, temperature)
-        rates = loss_t1.astype(np.float64) / loss_t2
-    t = np.asarray(temperature, dtype=np.float64)
-    valid = np.all(np.isfinite(rates), axis=-1, keepdims=True) & np.isfinite(t) & (t > 0)
-    return np.where(valid, weights, np.nan)
+    return np.where(valid(loss_t1, loss_t2, temperature), weights, np.nan)
 
 
 def bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray) -> float:
-    """max(BASE, 2 * eps * max|r/T| * K): exp(r/T) amplifies the rounding of r/T by |r/T|."""
+    """max(BASE, 2 * eps * max|r/T| * K) over the valid rows: exp(r/T) amplifies the rounding of r/T by |r/T|."""
     with np.errstate(all="ignore"):
         scaled = np.abs(loss_t1.astype(np.float64) / loss_t2 / temperature.astype(np.float64))
-    scaled = scaled[np.isfinite(scaled)]
+    scaled = scaled[np.broadcast_to(valid(loss_t1, loss_t2, temperature), scaled.shape)]
     worst = float(scaled.max()) if scaled.size else 0.0
     return max(BASE[dtype], 2 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1])
 

@@ -66,9 +66,43 @@ def test_the_stored_set_covers_what_the_contract_names():
     assert {c.dtype for c in CASES} == {"float32", "float64"}
     for k in (1, 2, 3, 16, 1000):
         assert any(n.startswith(f"K={k}/") for n in names)
-    for fragment in ("near-one", "decades", "negative", "T=0.0001", "T=1e+06", "per-row", "special/zero-denominator"):
+    for fragment in ("near-one", "decades", "negative", "T=0.0001", "T=1e+06", "per-row", "special/mixed-batch"):
         assert any(fragment in n for n in names), fragment
     assert any(np.isnan(c.expected).any() for c in CASES) and any(c.batched for c in CASES)
+    # Every invalid value in each input and each position, a sign change each way,
+    # alone ([K]) and between good rows ([N, K]), in both dtypes.
+    for dtype in ("float32", "float64"):
+        for where in ("first", "middle", "last"):
+            spots = [f"{side}={value}/{where}" for side in ("loss_t1", "loss_t2") for value in ("0", "-0", "nan", "inf", "-inf")]
+            spots += [f"sign-change/+to-/{where}", f"sign-change/-to+/{where}"]
+            for spot in spots:
+                for suffix in ("", "/batched"):
+                    assert f"special/{spot}{suffix}" in {c.name for c in by(dtype)}, (dtype, spot, suffix)
+
+
+def test_only_the_bad_rows_of_a_mixed_batch_are_nan():
+    (case,) = [c for c in by("float32") if c.name == "special/mixed-batch"]
+    rows = np.isnan(case.expected).all(-1)
+    assert rows.tolist() == [True, False] * (len(rows) // 2) and len(rows) >= 40
+    assert not np.isnan(case.expected[~rows]).any()
+    np.testing.assert_allclose(case.expected[~rows].sum(-1), 3.0)
+    (case,) = [c for c in by("float32") if c.name == "special/mixed-batch/per-row-T"]
+    # Rows 0-3: bad losses; rows 4 and 6: T = -1 and NaN; rows 5 and 7: good.
+    assert np.isnan(case.expected).all(-1).tolist() == [True] * 5 + [False, True, False]
+
+
+def test_hand_worked_invalid_and_edge_rows():
+    """The stored expectations of a few cases, by hand: what issue 11 reported, and what stays valid."""
+    named = {c.name: c for c in by("float32")}
+    for name in ("special/loss_t2=inf/first", "special/loss_t1=0/first", "special/sign-change/+to-/middle", "special/rate-overflows"):
+        assert np.isnan(named[name].expected).all(), name
+    # Both epochs negative: rates 0.5, 0.8, 0.9 as for GOOD_ROW. T = 2:
+    # w = 3 exp(r/2) / sum exp(r/2).
+    e = np.exp(np.array([0.5, 0.8, 0.9]) / 2)
+    np.testing.assert_allclose(named["special/both-negative"].expected, 3 * e / e.sum(), rtol=1e-7)
+    # A rate of 8 * 2^-149 (subnormal) is valid; ~0 next to 0.8 and 0.9.
+    e = np.exp(np.array([0.0, 0.8, 0.9]) / 2)
+    np.testing.assert_allclose(named["special/subnormal-rate"].expected, 3 * e / e.sum(), rtol=1e-7)
 
 
 def test_the_package_reference_used_by_dwa_export_agrees_with_the_tests_reference():
@@ -106,6 +140,27 @@ def test_committed_onnx_files_in_onnxruntime():
     check(onnx_runner(EXPORTED / "dwa_weights_batched.onnx"), by("float32", batched=True), raises_on_invalid_temperature=False)
 
 
+def reference_evaluator_runner(path: Path):
+    """ONNX's own Python reference implementation of the operators: a second ONNX runtime."""
+    from onnx.reference import ReferenceEvaluator
+
+    evaluator = ReferenceEvaluator(str(path))
+
+    def run(l1, l2, t):
+        if l1.ndim == 2 and t.ndim == 0:
+            t = t.reshape(1, 1)
+        with np.errstate(all="ignore"):  # log(-x), inf - inf: NaN on purpose
+            return evaluator.run(["weights"], {"loss_t1": l1, "loss_t2": l2, "temperature": t})[0]
+
+    return run
+
+
+def test_committed_onnx_files_in_the_onnx_reference_evaluator():
+    single, batched = EXPORTED / "dwa_weights.onnx", EXPORTED / "dwa_weights_batched.onnx"
+    check(reference_evaluator_runner(single), by("float32", batched=False), raises_on_invalid_temperature=False)
+    check(reference_evaluator_runner(batched), by("float32", batched=True), raises_on_invalid_temperature=False)
+
+
 def test_committed_torch_export_programs():
     single = torch.export.load(str(EXPORTED / "dwa_weights.pt2")).module()
     batched = torch.export.load(str(EXPORTED / "dwa_weights_batched.pt2")).module()
@@ -126,6 +181,7 @@ def test_float64_onnx_and_torch_export(float64_artifacts):
     out = float64_artifacts
     check(onnx_runner(out / "dwa_weights_float64.onnx"), by("float64", batched=False), raises_on_invalid_temperature=False)
     check(onnx_runner(out / "dwa_weights_batched_float64.onnx"), by("float64", batched=True), raises_on_invalid_temperature=False)
+    check(reference_evaluator_runner(out / "dwa_weights_batched_float64.onnx"), by("float64", batched=True), raises_on_invalid_temperature=False)
     single = torch.export.load(str(out / "dwa_weights_float64.pt2")).module()
     batched = torch.export.load(str(out / "dwa_weights_batched_float64.pt2")).module()
     check(torch_runner(single), by("float64", batched=False), raises_on_invalid_temperature=False)

@@ -152,22 +152,70 @@ def test_compiled_code_poisons_rows_instead_of_raising(monkeypatch):
     assert torch.isnan(out[1:]).all()
 
 
+INVALID_PAIRS = [
+    # issue 11's reports: finite weights before
+    ([1.0, 2.0], [math.inf, 1.0]),  # rate 0 from an infinite loss_t2
+    ([0.0, 1.0], [1.0, 1.0]),  # rate 0 from a zero loss_t1
+    ([-1.0, 2.0], [1.0, 1.0]),  # sign change, positive -> negative
+    ([1.0, 2.0], [1.0, -1.0]),  # sign change, negative -> positive
+    ([1.0, -0.0], [1.0, 1.0]),  # -0.0 is a zero too
+    ([1.0, 2.0], [1.0, -math.inf]),
+    # already NaN before
+    ([1.0, 2.0], [0.0, 1.0]),  # +inf rate
+    ([-1.0, 2.0], [0.0, 1.0]),  # -inf rate: would silently get weight 0
+    ([0.0, 2.0], [0.0, 1.0]),  # 0 / 0
+    ([math.nan, 2.0], [1.0, 1.0]),
+    ([2.0, 1.0], [1.0, math.nan]),
+    ([math.inf, 2.0], [1.0, 1.0]),
+    ([-math.inf, 2.0], [1.0, 1.0]),
+]
+
+
 @KERNELS
-@pytest.mark.parametrize(
-    "loss_t1,loss_t2",
-    [
-        ([1.0, 2.0], [0.0, 1.0]),  # +inf rate
-        ([-1.0, 2.0], [0.0, 1.0]),  # -inf rate: would silently get weight 0
-        ([0.0, 2.0], [0.0, 1.0]),  # 0 / 0
-        ([math.nan, 2.0], [1.0, 1.0]),
-        ([math.inf, 2.0], [1.0, 1.0]),
-        ([-math.inf, 2.0], [1.0, 1.0]),
-    ],
-)
-def test_non_finite_rates_make_the_row_nan(kernel, loss_t1, loss_t2):
-    out = kernel(t([loss_t1, [0.5, 0.6]]), t([loss_t2, [1.0, 1.0]]), t(2.0))
-    assert torch.isnan(out[0]).all(), out
-    assert torch.isfinite(out[1]).all()
+@pytest.mark.parametrize("loss_t1,loss_t2", INVALID_PAIRS)
+def test_invalid_losses_make_the_row_nan(kernel, loss_t1, loss_t2):
+    # The averages DWAHistory.step() rejects: a zero, NaN or infinite loss in
+    # either epoch, or a change of sign. Alone, and as one row among good ones.
+    assert torch.isnan(kernel(t(loss_t1), t(loss_t2), t(2.0))).all()
+    out = kernel(t([[0.75, 0.86], loss_t1, [0.5, 0.6]]), t([[1.0, 1.0], loss_t2, [1.0, 1.0]]), t(2.0))
+    assert torch.isnan(out[1]).all(), out
+    assert torch.isfinite(out[[0, 2]]).all()
+    np.testing.assert_allclose(out[[0, 2]].numpy(), dwa_weights([[0.75, 0.86], [0.5, 0.6]], np.ones((2, 2)), 2.0), atol=1e-6)
+
+
+@KERNELS
+def test_negative_losses_that_keep_their_sign_are_valid(kernel):
+    # Rates 0.75 and 0.86 again, from negative losses: the hand-worked weights.
+    w1 = 2 / (1 + math.exp(0.055))
+    assert kernel(t([-0.75, -0.86]), t([-1.0, -1.0]), t(2.0)).tolist() == pytest.approx([w1, 2 - w1], abs=1e-6)
+    assert kernel(t([-0.75, 0.86]), t([-1.0, 1.0]), t(2.0)).tolist() == pytest.approx([w1, 2 - w1], abs=1e-6)
+
+
+@KERNELS
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_rate_the_dtype_cannot_hold_makes_the_row_nan_and_a_subnormal_one_does_not(kernel, dtype):
+    info = torch.finfo(dtype)
+    ones = torch.ones(2, dtype=dtype)
+    # Valid losses (finite, nonzero, same sign) whose rate overflows / underflows to 0.
+    assert torch.isnan(kernel(torch.tensor([info.max / 4, 1.0], dtype=dtype), torch.tensor([0.125, 1.0], dtype=dtype), t(2.0))).all()
+    tiniest = info.smallest_normal * info.eps  # the smallest subnormal
+    assert torch.isnan(kernel(torch.tensor([tiniest, 1.0], dtype=dtype), torch.tensor([4.0, 1.0], dtype=dtype), t(2.0))).all()
+    # A subnormal rate is a rate: weights as for rate 0 vs 1, 2 / (1 + e^(1/2)) and the rest.
+    out = kernel(torch.tensor([tiniest * 8, 1.0], dtype=dtype), ones, t(2.0))
+    w0 = 2 / (1 + math.exp(0.5))
+    assert out.tolist() == pytest.approx([w0, 2 - w0], abs=1e-6)
+    # The largest finite rate, too: all weight to that task.
+    assert kernel(torch.tensor([info.max, 1.0], dtype=dtype), ones, t(2.0)).tolist() == [2.0, 0.0]
+
+
+@KERNELS
+@pytest.mark.parametrize("shape", [(0,), (3, 0), (2, 4, 0)])
+def test_no_tasks_is_a_clear_error(kernel, shape):
+    with pytest.raises(Exception, match=r"K >= 1 tasks, got shape") as info:
+        kernel(torch.ones(shape), torch.ones(shape), t(2.0))
+    assert isinstance(info.value, (ValueError, torch.jit.Error))  # TorchScript wraps the ValueError
+    if kernel is EAGER:
+        assert isinstance(info.value, ValueError)
 
 
 @KERNELS
