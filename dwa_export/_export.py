@@ -21,11 +21,15 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 import logging
+import pickle
 import platform
+import struct
+import tempfile
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata, resources
 from pathlib import Path
@@ -189,15 +193,105 @@ def _finalize_onnx(model: Any, batched: bool) -> Any:
 
 
 def export_artifact(artifact: Artifact, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
-    """Write one artifact into ``out_dir`` and return its path."""
+    """Write one artifact into ``out_dir`` and return its path.
+
+    The bytes are built in memory first, so an unwritable ``out_dir`` raises
+    ``OSError`` (and nothing half-written is left behind by the exporters).
+    """
     path = out_dir / artifact.filename
     if artifact.format == "torchscript":
-        torch.jit.save(torch.jit.script(DWAWeights()), str(path))
+        data = torchscript_bytes()
     elif artifact.format.startswith("pt2"):
-        torch.export.save(_exported_program(artifact), str(path))
+        program = _exported_program(artifact)
+        data = _saved_bytes(lambda target: torch.export.save(program, target), artifact.filename)
     else:
-        path.write_bytes(onnx_bytes(artifact, opset))
+        data = onnx_bytes(artifact, opset)
+    path.write_bytes(data)
     return path
+
+
+def _saved_bytes(save: Callable[[str], object], filename: str) -> bytes:
+    """What ``save(path)`` writes, via a scratch file named ``filename``.
+
+    torch's archive writers name the archive's top folder after the file (e.g.
+    ``dwa_weights_batched/``), so saving under the final name keeps the bytes
+    independent of where they are written.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / filename
+        save(str(path))
+        return path.read_bytes()
+
+
+def _binunicode(text: str) -> bytes:
+    """A string as pickle's BINUNICODE opcode writes it: ``X``, uint32 length, UTF-8."""
+    raw = text.encode("utf-8")
+    return b"X" + struct.pack("<I", len(raw)) + raw
+
+
+def _portable_debug_info(data: bytes) -> bytes | None:
+    """TorchScript's source-range record with our source files named relative to the package's parent.
+
+    The record (``*.debug_pkl``) keeps the original source for tracebacks, and
+    each file's absolute path on the exporting machine. Each such path is one
+    string in the record's string table, so replacing that one opcode keeps the
+    pickle valid (its memo counts opcodes, not bytes). ``None`` when that is not
+    possible (a torch that changed the format): then the record is dropped,
+    which TorchScript allows (tracebacks then show the serialized code).
+    """
+    try:
+        kind, table, _ = pickle.loads(data)  # our own fresh record: tuples, strings, ints
+    except Exception:  # noqa: BLE001 - any unpickling problem means: drop the record
+        return None
+    if kind != "FORMAT_WITH_STRING_TABLE":
+        return None
+    package_parent = Path(__file__).resolve().parent.parent
+    for text in sorted({t for t in table if isinstance(t, str) and t and not t.endswith("\n")}):
+        try:
+            source = Path(text).resolve()
+            relative = source.relative_to(package_parent)
+        except (OSError, ValueError):
+            continue
+        if not source.is_file():
+            continue
+        old = _binunicode(text)
+        if data.count(old) != 1:
+            return None
+        data = data.replace(old, _binunicode(relative.as_posix()))
+    if str(package_parent).encode() in data:
+        return None
+    return data
+
+
+def torchscript_bytes() -> bytes:
+    """The scripted kernel as a ``.pt`` archive, byte-reproducible for a given torch.
+
+    ``torch.jit.save`` stores the exporting machine's source path in the
+    ``*.debug_pkl`` records, and a serialization id derived from the records'
+    contents (so from that path too). The archive is rewritten record by record
+    with torch's own writer (``PyTorchFileWriter``, which computes the id from
+    the new contents): the same records, with the path made relative to the
+    package's parent (``dwa_export/_kernel.py``). The archive's folder name is
+    ``dwa_weights``, whatever file the bytes end up in.
+    """
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(DWAWeights()), buffer)
+    reader = torch._C.PyTorchFileReader(io.BytesIO(buffer.getvalue()))
+
+    def rewrite(target: str) -> None:
+        writer = torch._C.PyTorchFileWriter(target)
+        for name in reader.get_all_records():
+            if name in (".data/serialization_id", "byteorder"):  # written by write_end_of_file
+                continue
+            data = reader.get_record(name)
+            if name.endswith(".debug_pkl"):
+                data = _portable_debug_info(data)
+                if data is None:
+                    continue
+            writer.write_record(name, data, len(data))
+        writer.write_end_of_file()
+
+    return _saved_bytes(rewrite, "dwa_weights.pt")
 
 
 def onnx_bytes(artifact: Artifact, opset: int = DEFAULT_OPSET) -> bytes:

@@ -18,7 +18,7 @@ import torch
 
 from dwa_export import DWAWeights
 from dwa_export._cli import main
-from dwa_export._export import MAX_OPSET, MIN_OPSET, Artifact, onnx_bytes, plan, quiet_exporters, toolchain
+from dwa_export._export import MAX_OPSET, MIN_OPSET, Artifact, onnx_bytes, plan, quiet_exporters, toolchain, torchscript_bytes
 from reference import dwa_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -147,6 +147,53 @@ def test_onnx_export_is_byte_identical_from_another_checkout(tmp_path):
     with quiet_exporters():
         here = onnx_bytes(Artifact("onnx-batched", "float32"))
     assert out.stdout == here
+
+
+def test_torchscript_export_is_byte_identical_from_another_checkout(tmp_path):
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(ROOT / "dwa_export", copy / "dwa_export")
+    script = (
+        "import sys, warnings; warnings.simplefilter('ignore');"
+        "from dwa_export._export import torchscript_bytes;"
+        "sys.stdout.buffer.write(torchscript_bytes())"
+    )
+    env = dict(os.environ, PYTHONPATH=str(copy))
+    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, check=True)
+    with quiet_exporters():
+        here = torchscript_bytes()
+    assert out.stdout == here
+    for raw in (here, out.stdout):
+        assert str(ROOT).encode() not in raw and str(copy).encode() not in raw and b"site-packages" not in raw
+    if toolchain()["torch"] == MANIFEST["toolchain"]["torch"]:
+        assert (EXPORTED / "dwa_weights.pt").read_bytes() == here, "exported/dwa_weights.pt is stale: run dwa-export"
+
+
+def test_torchscript_file_keeps_its_source_for_tracebacks_under_a_relative_name(tmp_path):
+    path = tmp_path / "k.pt"
+    with quiet_exporters():
+        path.write_bytes(torchscript_bytes())
+        kernel = torch.jit.load(str(path))
+    with pytest.raises(torch.jit.Error) as info:
+        kernel(torch.ones(2), torch.ones(2), torch.tensor(-1.0))
+    message = str(info.value)
+    assert 'File "dwa_export/_kernel.py", line' in message and "temperature must be finite and > 0" in message
+    assert str(ROOT) not in message
+
+
+def test_the_main_command_leaves_a_fresh_clone_clean(tmp_path):
+    # README's main command ends in `dwa-export`: in a fresh clone it must
+    # rewrite exported/ with exactly the committed bytes (manifest included).
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("not a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    env = dict(os.environ, PYTHONPATH=str(clone))  # the clone's package, not this checkout's
+    code = "import sys, dwa_export._cli as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; sys.exit(c.main([]))"
+    result = subprocess.run([sys.executable, "-c", code, str(clone)], cwd=clone, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all 5 artifacts verified" in result.stdout
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True, check=True)
+    assert status.stdout == "", status.stdout
 
 
 def test_committed_onnx_matches_what_the_current_kernel_exports(fresh_onnx):
