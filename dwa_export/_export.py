@@ -379,7 +379,10 @@ def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
     Entries already in the manifest for files not rewritten now are kept.
     """
     path = out_dir / MANIFEST
-    manifest = read_manifest(out_dir) or {}
+    try:
+        manifest = read_manifest(out_dir) or {}
+    except ValueError:  # not one we wrote: start afresh
+        manifest = {}
     entries = dict(manifest.get("artifacts", {}))
     for artifact in artifacts:
         entries[artifact.filename] = describe(artifact, out_dir / artifact.filename)
@@ -394,10 +397,14 @@ def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
+    """The manifest in ``out_dir``; ``None`` if there is none, ``ValueError`` if it is malformed."""
     path = out_dir / MANIFEST
     if not path.exists():
         return None
-    return json.loads(path.read_text())
+    manifest = json.loads(path.read_text())
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts", {}), dict):
+        raise ValueError("expected a JSON object with an 'artifacts' object")
+    return manifest
 
 
 def write_readme(out_dir: Path) -> Path:

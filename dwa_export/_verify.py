@@ -24,6 +24,7 @@ class Verification:
     filename: str
     runtime: str
     cases: int = 0
+    failed_cases: int = 0
     max_error: float = 0.0  # max |weights - float64 reference| over finite entries
     worst_ratio: float = 0.0  # max error / bound over all cases (<= 1 passes)
     load_s: float = float("nan")
@@ -183,7 +184,9 @@ def verify(
                 result.problems.append(f"onnx.checker: {str(error).strip()[:300]}")
         cases = _cases_for(artifact, dtypes)
         for case in cases:
+            before = len(result.problems)
             _check_case(result, artifact, run, case)
+            result.failed_cases += len(result.problems) > before
         result.cases = len(cases)
         if not _rejects_mismatched_shapes(artifact, run):
             result.problems.append("loss_t1 and loss_t2 of different shapes were broadcast instead of rejected")

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from collections import Counter
 from pathlib import Path
 
@@ -16,8 +17,10 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import dwa_export._cli as cli
 from dwa_export import DWAWeights
-from dwa_export._cli import main
+from dwa_export._cli import SUBCOMMANDS, Subcommand, main
+from dwa_export._conformance import case_inputs
 from dwa_export._export import MAX_OPSET, MIN_OPSET, Artifact, onnx_bytes, plan, quiet_exporters, toolchain, torchscript_bytes
 from reference import dwa_weights
 
@@ -187,11 +190,15 @@ def test_the_main_command_leaves_a_fresh_clone_clean(tmp_path):
         pytest.skip("not a git checkout")
     clone = tmp_path / "clone"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
-    env = dict(os.environ, PYTHONPATH=str(clone))  # the clone's package, not this checkout's
-    code = "import sys, dwa_export._cli as c; assert c.__file__.startswith(sys.argv[1]), c.__file__; sys.exit(c.main([]))"
-    result = subprocess.run([sys.executable, "-c", code, str(clone)], cwd=clone, env=env, capture_output=True, text=True)
+    # `python -m dwa_export` is `dwa-export`; from the clone's root it imports the clone's package.
+    env = dict(os.environ, PYTHONPATH=str(clone))  # belt and braces: not this checkout's package
+    result = subprocess.run([sys.executable, "-m", "dwa_export"], cwd=clone, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all 5 artifacts verified" in result.stdout
+    assert f"export  exported{os.sep}dwa_weights.pt " in result.stdout
+    # torch's own progress lines and warnings stay out of the user's terminal.
+    for noise in ("[torch.onnx]", "Warning", "torchvision"):
+        assert noise not in result.stdout + result.stderr, noise
     status = subprocess.run(["git", "status", "--porcelain"], cwd=clone, capture_output=True, text=True, check=True)
     assert status.stdout == "", status.stdout
 
@@ -258,8 +265,14 @@ def test_cli_exports_and_verifies(tmp_path, capsys):
     for name in ("dwa_weights.pt", "dwa_weights_float16.onnx"):
         assert f"export  {out / name}" in text and f"verify  {out / name}" in text
     table = text[text.index("artifact  "):]
-    assert "max abs err" in table and "load ms" in table and "call us" in table
+    assert "err/bound" in table and "load ms" in table and "call us" in table
     assert table.count(" ok") == 4 and "FAILED" not in table
+    rows = {line.split()[0]: line.split() for line in table.splitlines()[2:6]}
+    every = sum(len(case_inputs(dtype)) for dtype in ("float32", "float64", "float16"))
+    assert rows["dwa_weights.pt"][2] == f"{every}/{every}"
+    assert 0 < float(rows["dwa_weights.onnx"][3]) <= 1  # err/bound of a passing file
+    # One line says what the numbers mean (issue 13: "max abs err 1.26e-02" next to "about 1e-6").
+    assert "err/bound: worst |weights - float64 reference| / that case's bound" in table and "<= 1 passes" in table
     assert json.loads((out / "manifest.json").read_text())["artifacts"]["dwa_weights_float16.onnx"]["dtype"] == "float16"
 
 
@@ -305,21 +318,154 @@ def test_cli_help_documents_the_io_contract_and_rejects_bad_options(capsys):
     text = capsys.readouterr().out
     for fragment in ("dwa_weights_batched.onnx", "temperature [1, 1] or [N, 1]", "--opset", "--check", "Exit status"):
         assert fragment in text
+    # Every subcommand, in the usage and the list, with its arguments.
+    assert SUBCOMMANDS and "dwa-export bench [--quick] [--json FILE]" in text
+    for command in SUBCOMMANDS:
+        assert text.count(f"dwa-export {command.name} {command.usage}") == 2, command.name
+        assert command.summary in text
     for bad in (["--opset", "17"], ["--formats", "tflite"], ["--dtype", "int8"]):
         with pytest.raises(SystemExit) as info:
             main(bad)
         assert info.value.code == 2
 
 
-def test_python_dash_m_runs_the_cli_quietly(tmp_path):
+def test_a_new_subcommand_is_listed_and_dispatched_from_one_place(monkeypatch, capsys):
+    calls = []
+    monkeypatch.setitem(sys.modules, "fake_plot_module", types.SimpleNamespace(main=lambda argv: calls.append(argv) or 7))
+    plot = Subcommand("plot", "STATE [--out FILE]", "plot a saved history's weights", "fake_plot_module")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, plot))
+    assert main(["plot", "state.json", "--out", "x.png"]) == 7 and calls == [["state.json", "--out", "x.png"]]
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "dwa-export plot STATE [--out FILE]" in text and "plot a saved history's weights" in text
+    assert "dwa-export bench" in text
+
+
+@pytest.mark.parametrize("out", ["/proc/dwa-export-test", "/dev/null"])
+def test_an_unwritable_output_folder_is_a_one_line_error(out, capsys):
+    assert main(["--out", out, "--formats", "onnx"]) == 2
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith(f"dwa-export: error: {out}") and "Traceback" not in captured.err
+    assert not Path("/proc/dwa-export-test").exists()
+
+
+def test_the_cli_process_prints_no_traceback_for_an_os_error():
     result = subprocess.run(
-        [sys.executable, "-m", "dwa_export", "--out", str(tmp_path), "--formats", "onnx,pt2"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
+        [sys.executable, "-m", "dwa_export", "--out", "/proc/x"], capture_output=True, text=True, cwd=ROOT
     )
-    assert result.returncode == 0, result.stderr
-    assert "all 2 artifacts verified" in result.stdout
-    # torch's own progress lines and warnings stay out of the user's terminal.
-    for noise in ("[torch.onnx]", "Warning", "torchvision"):
-        assert noise not in result.stdout + result.stderr, noise
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "dwa-export: error: /proc/x: No such file or directory\n"
+
+
+def test_cli_check_with_a_malformed_manifest_fails_clearly(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text("[1, 2")
+    assert main(["--check", "--out", str(tmp_path)]) == 1
+    assert "manifest.json is not a manifest dwa-export wrote" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the verifier catches wrong artifacts
+
+
+def _commit_to_manifest(out: Path, name: str) -> None:
+    """Pretend the tampered file is what was exported: only the numbers can give it away."""
+    import hashlib
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"][name]["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
+    (out / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _scaled_onnx(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
+    """The model with its output multiplied by ``factor``."""
+    graph = model.graph
+    last = next(node for node in graph.node if "weights" in node.output)
+    last.output[list(last.output).index("weights")] = "weights_unscaled"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(factor, np.float32), "scale"))
+    graph.node.append(onnx.helper.make_node("Mul", ["weights_unscaled", "scale"], ["weights"]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _unpoisoned_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with the NaN poisoning of invalid rows replaced by 0: plausible weights for bad input."""
+    graph = model.graph
+    last = next(node for node in graph.node if "weights" in node.output)  # Div(exp, mean + poison)
+    add = next(node for node in graph.node if node.output[0] == last.input[1])
+    assert add.op_type == "Add"
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(0.0, np.float32), "no_poison"))
+    add.input[1] = "no_poison"
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+class ScaledKernel(torch.nn.Module):
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.kernel = DWAWeights()
+        self.factor = factor
+
+    def forward(self, loss_t1: torch.Tensor, loss_t2: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        return self.kernel(loss_t1, loss_t2, temperature) * self.factor
+
+
+class TextbookKernel(torch.nn.Module):
+    """K * softmax(r / T) with the temperature check but without the kernel's NaN rows."""
+
+    def forward(self, loss_t1: torch.Tensor, loss_t2: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+        if not bool(((temperature > 0) & (temperature < float("inf"))).all()):
+            raise ValueError("DWAWeights: temperature must be finite and > 0")
+        if loss_t1.shape != loss_t2.shape:
+            raise ValueError("same shape")
+        rates = loss_t1 / loss_t2
+        return torch.softmax(rates / temperature, -1) * rates.size(-1)
+
+
+@pytest.fixture
+def exported_copy(tmp_path) -> Path:
+    out = tmp_path / "exported"
+    shutil.copytree(EXPORTED, out)
+    return out
+
+
+@pytest.mark.parametrize("name", ["dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt"])
+def test_check_fails_on_an_artifact_off_by_1e_4_relative(exported_copy, name, capsys):
+    out = exported_copy
+    if name.endswith(".onnx"):
+        onnx.save(_scaled_onnx(onnx.load(str(out / name)), 1.0001), str(out / name))
+        formats = "onnx-batched" if "batched" in name else "onnx"
+    else:
+        with quiet_exporters():
+            torch.jit.save(torch.jit.script(ScaledKernel(1.0001)), str(out / name))
+        formats = "torchscript"
+    _commit_to_manifest(out, name)
+    assert main(["--check", "--out", str(out), "--formats", formats]) == 1
+    captured = capsys.readouterr()
+    assert "exceeds the bound" in captured.err and f"1 of 1 artifacts FAILED: {name}" in captured.err
+    assert "sha256" not in captured.err  # the numbers caught it, not the hash
+    row = next(line for line in captured.out.splitlines() if line.startswith(name))
+    passed, total = map(int, row.split()[2].split("/"))
+    assert passed < total and float(row.split()[3]) > 50 and row.endswith("FAILED")  # 1e-4 / 1e-6: about 100
+    # The same file unscaled passes: the factor, nothing else, is what fails.
+    if name.endswith(".onnx"):
+        shutil.copy(EXPORTED / name, out / name)
+        _commit_to_manifest(out, name)
+        assert main(["--check", "--out", str(out), "--formats", formats, "--quiet"]) == 0
+
+
+@pytest.mark.parametrize("name", ["dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt"])
+def test_check_fails_on_an_artifact_with_nan_rows_in_the_wrong_places(exported_copy, name, capsys):
+    out = exported_copy
+    if name.endswith(".onnx"):
+        onnx.save(_unpoisoned_onnx(onnx.load(str(out / name))), str(out / name))
+        formats = "onnx-batched" if "batched" in name else "onnx"
+    else:
+        with quiet_exporters():
+            torch.jit.save(torch.jit.script(TextbookKernel()), str(out / name))
+        formats = "torchscript"
+    _commit_to_manifest(out, name)
+    assert main(["--check", "--out", str(out), "--formats", formats]) == 1
+    err = capsys.readouterr().err
+    assert "NaN pattern" in err and f"1 of 1 artifacts FAILED: {name}" in err
+    assert "special/loss_t1=0/first" in err  # the first of issue 11's cases that gave plausible weights
