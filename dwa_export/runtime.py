@@ -19,9 +19,12 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,6 +34,36 @@ from ._history_core import HistoryCore, LossHistoryError, check_batch_weight
 __all__ = ["DWAWeightsSession", "LossHistoryError", "NumpyDWAHistory"]
 
 _ONNX_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64), "tensor(float16)": np.dtype(np.float16)}
+_INPUTS = ("loss_t1", "loss_t2", "temperature")
+_OUTPUTS = ("weights",)
+_PRODUCER = "dwa_export"
+# Rates 0.75 and 0.86 at T = 2: w = 2 / (1 + e^0.055), and 0.5 for the batched file's second row.
+_PROBE_WEIGHTS = (2 / (1 + math.exp(0.055)), 2 / (1 + math.exp(0.22)))
+
+
+def _manifest_sha256(path: Path) -> str | None:
+    """The sha256 that ``manifest.json`` beside ``path`` records for it, if there is one."""
+    try:
+        manifest = json.loads((path.parent / "manifest.json").read_text())
+        entry = manifest["artifacts"][path.name]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return entry if isinstance(entry, str) else None
+
+
+def _real_array(value: Any, name: str) -> np.ndarray:
+    """``value`` as a NumPy array of real numbers (float or int), or ``TypeError`` naming ``name``."""
+    if isinstance(value, (str, bytes, bool, np.bool_)):
+        raise TypeError(f"{name} must be a real number or an array of them, got {type(value).__name__} {value!r}")
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} cannot be read as an array: {error}") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(
+            f"{name} must hold real numbers (float or int), got dtype {array.dtype} from {type(value).__name__}"
+        )
+    return array
 
 
 class DWAWeightsSession:
@@ -42,9 +75,22 @@ class DWAWeightsSession:
         providers: ONNX Runtime execution providers (default: CPU).
         session_options: an ``onnxruntime.SessionOptions``.
 
-    Calling it checks, before ONNX Runtime runs, that the losses have the
-    model's rank and dtype and the same shape, and that the temperature is
-    finite and > 0, raising ``ValueError``/``TypeError`` that name the problem.
+    The weights are ``w = K * softmax(loss_t1 / loss_t2 / T)`` over the last axis.
+
+    Opening the file checks that it is a DWA kernel written by ``dwa-export``:
+    its inputs ``loss_t1``, ``loss_t2``, ``temperature`` and output ``weights``
+    with one float dtype and ranks 1, 1, 0 -> 1 (or 2, 2, 2 -> 2 batched), its
+    producer ``dwa_export``, and then either its sha256 against the
+    ``manifest.json`` beside it (when that lists the file) or, without one, its
+    output for the hand-worked example (rates 0.75, 0.86 at T = 2 give
+    ``2 / (1 + e^0.055)``). Anything else raises ``ValueError`` naming what
+    differs.
+
+    Calling it checks, before ONNX Runtime runs, that the losses are real
+    numbers with the model's rank and dtype and the same shape, and that the
+    temperature is a real number (not a bool or a string), finite, > 0 and
+    representable in the model's dtype, raising ``TypeError``/``ValueError``
+    that name the argument and the value.
     """
 
     def __init__(
@@ -56,18 +102,70 @@ class DWAWeightsSession:
     ) -> None:
         import onnxruntime
 
+        path = Path(path)
         self._session = onnxruntime.InferenceSession(
             str(path), session_options, providers=list(providers or ["CPUExecutionProvider"])
         )
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        if set(inputs) != {"loss_t1", "loss_t2", "temperature"}:
+        self.dtype: np.dtype = self._check_signature(path)
+        self.batched: bool = len(self._session.get_inputs()[0].shape) == 2
+        self._temperature_rank = 2 if self.batched else 0
+        self._output_names = list(_OUTPUTS)
+        recorded = _manifest_sha256(path)
+        if recorded is not None:
+            actual = hashlib.sha256(path.read_bytes()).hexdigest()
+            if actual != recorded:
+                raise ValueError(
+                    f"{path} is not the DWA kernel that {path.parent / 'manifest.json'} describes: its sha256 is "
+                    f"{actual}, the manifest records {recorded} (modified after export? run dwa-export --check)"
+                )
+        else:
+            self._probe(path)
+
+    def _check_signature(self, path: Path) -> np.dtype:
+        inputs, outputs = self._session.get_inputs(), self._session.get_outputs()
+        names = tuple(i.name for i in inputs), tuple(o.name for o in outputs)
+        problems = []
+        if names != (_INPUTS, _OUTPUTS):
+            problems.append(f"inputs {list(names[0])} and outputs {list(names[1])}, expected {list(_INPUTS)} and {list(_OUTPUTS)}")
+        else:
+            types = sorted({v.type for v in (*inputs, *outputs)})
+            if len(types) != 1 or types[0] not in _ONNX_TYPES:
+                problems.append(
+                    f"element types {types}, expected one of {', '.join(_ONNX_TYPES)} for all inputs and the output"
+                )
+            ranks = tuple(len(v.shape) for v in (*inputs, *outputs))
+            if ranks not in ((1, 1, 0, 1), (2, 2, 2, 2)):
+                problems.append(
+                    f"ranks {ranks} for (loss_t1, loss_t2, temperature, weights), expected (1, 1, 0, 1) or (2, 2, 2, 2)"
+                )
+        producer = self._session.get_modelmeta().producer_name
+        if producer != _PRODUCER:
+            problems.append(f"producer {producer!r}, expected {_PRODUCER!r}")
+        if problems:
+            raise ValueError(f"{path} is not a DWA kernel written by dwa-export: {'; '.join(problems)}")
+        return _ONNX_TYPES[inputs[0].type]
+
+    def _probe(self, path: Path) -> None:
+        """Without a manifest to vouch for the file: does it compute DWA on a hand-worked example?"""
+        l1 = np.array([0.75, 0.86], self.dtype)
+        l2 = np.ones(2, self.dtype)
+        if self.batched:
+            feeds = (np.stack([l1, l1]), np.stack([l2, l2]), np.array([[2.0], [0.5]], self.dtype))
+            expected = np.array([[w, 2 - w] for w in _PROBE_WEIGHTS])
+        else:
+            feeds = (l1, l2, np.array(2.0, self.dtype))
+            expected = np.array([_PROBE_WEIGHTS[0], 2 - _PROBE_WEIGHTS[0]])
+        tolerance = 2e-3 if self.dtype == np.float16 else 1e-5
+        try:
+            got = self._session.run(self._output_names, dict(zip(_INPUTS, feeds)))[0]
+            ok = got.shape == expected.shape and bool(np.all(np.abs(got.astype(np.float64) - expected) <= tolerance))
+        except Exception as error:  # noqa: BLE001 - any ONNX Runtime failure means: not our kernel
+            got, ok = f"an error ({str(error).strip()[:200]})", False
+        if not ok:
             raise ValueError(
-                f"{path} is not a DWA kernel: inputs {sorted(inputs)}, expected loss_t1, loss_t2, temperature"
+                f"{path} is not a DWA kernel: for rates 0.75, 0.86 at T = 2 it returns {got}, DWA gives "
+                f"{expected.round(6).tolist()} (and there is no manifest.json beside it listing the file)"
             )
-        self.dtype: np.dtype = _ONNX_TYPES[inputs["loss_t1"].type]
-        self.batched: bool = len(inputs["loss_t1"].shape) == 2
-        self._temperature_rank = len(inputs["temperature"].shape)
-        self._output_names = [o.name for o in self._session.get_outputs()]
 
     @property
     def session(self) -> Any:
@@ -85,9 +183,20 @@ class DWAWeightsSession:
         return self._session.run(self._output_names, feeds)[0]
 
     def _losses(self, value: Any, name: str) -> np.ndarray:
-        array = value if isinstance(value, np.ndarray) else np.asarray(value, dtype=self.dtype)
-        if array.dtype != self.dtype:
-            raise TypeError(f"{name} must be {self.dtype} for this model, got {array.dtype}; convert it with .astype")
+        if isinstance(value, np.ndarray):
+            array = value
+            if array.dtype != self.dtype:
+                raise TypeError(f"{name} must be {self.dtype} for this model, got {array.dtype}; convert it with .astype")
+        else:
+            raw = _real_array(value, name)
+            with np.errstate(over="ignore"):
+                array = raw.astype(self.dtype)
+            lost = np.isfinite(raw) & ~np.isfinite(array)
+            if lost.any():
+                raise ValueError(
+                    f"{name} value {float(raw[lost].flat[0])!r} does not fit this model's {self.dtype} "
+                    f"(largest finite {float(np.finfo(self.dtype).max):.8g})"
+                )
         rank = 2 if self.batched else 1
         if array.ndim != rank or array.shape[-1] == 0 or array.size == 0:
             expected = "[N, K]" if self.batched else "[K]"
@@ -95,22 +204,38 @@ class DWAWeightsSession:
         return array
 
     def _temperature(self, value: Any, shape: tuple[int, ...]) -> np.ndarray:
-        array = np.asarray(value, dtype=self.dtype)
-        if array.size == 1:
-            scalar = float(array.reshape(()))
+        raw = _real_array(value, "temperature").astype(np.float64)
+        info = np.finfo(self.dtype)
+        if raw.size == 1:
+            scalar = float(raw.reshape(()))
             if not (math.isfinite(scalar) and scalar > 0.0):
                 raise ValueError(f"temperature must be finite and > 0 (the paper uses 2.0), got {scalar!r}")
-            return array.reshape((1,) * self._temperature_rank)
-        if not (self.batched and array.shape == (shape[0], 1)):
+            self._check_range(raw, info, "")
+            return raw.astype(self.dtype).reshape((1,) * self._temperature_rank)
+        if not (self.batched and raw.shape == (shape[0], 1)):
             allowed = "a scalar or [N, 1]" if self.batched else "a scalar"
-            raise ValueError(f"temperature must be {allowed}, got shape {array.shape}")
-        bad = ~(np.isfinite(array) & (array > 0))
+            raise ValueError(f"temperature must be {allowed}, got shape {raw.shape}")
+        bad = ~(np.isfinite(raw) & (raw > 0))
         if bad.any():
+            row = int(np.argmax(bad[:, 0]))
             raise ValueError(
-                f"temperature must be finite and > 0 (the paper uses 2.0), got {float(array[bad][0])!r} "
-                f"in row {int(np.argmax(bad))}"
+                f"temperature must be finite and > 0 (the paper uses 2.0), got {float(raw[row, 0])!r} in row {row}"
             )
-        return array
+        self._check_range(raw, info, " in row {row}")
+        return raw.astype(self.dtype)
+
+    def _check_range(self, raw: np.ndarray, info: np.finfo, where: str) -> None:
+        """A valid float64 temperature that the model's dtype turns into inf or 0 is an error, not NaN rows."""
+        with np.errstate(over="ignore", under="ignore"):
+            cast = raw.astype(self.dtype)
+        lost = ~np.isfinite(cast) | (cast == 0)
+        if lost.any():
+            index = int(np.argmax(lost.reshape(-1)))
+            value = float(raw.reshape(-1)[index])
+            raise ValueError(
+                f"temperature {value!r}{where.format(row=index)} is outside the range of this model's {self.dtype}: "
+                f"a temperature must lie between {float(info.smallest_subnormal):.3g} and {float(info.max):.8g}"
+            )
 
 
 class NumpyDWAHistory(HistoryCore):
