@@ -109,6 +109,10 @@ class DWAWeightsSession:
         self.dtype: np.dtype = self._check_signature(path)
         self.batched: bool = len(self._session.get_inputs()[0].shape) == 2
         self._temperature_rank = 2 if self.batched else 0
+        self._temperature_shape = (1,) * self._temperature_rank
+        info = np.finfo(self.dtype)
+        self._smallest_temperature = float(info.smallest_subnormal)  # [these, max] survive the cast unchanged
+        self._largest_temperature = float(info.max)
         self._output_names = list(_OUTPUTS)
         recorded = _manifest_sha256(path)
         if recorded is not None:
@@ -204,6 +208,13 @@ class DWAWeightsSession:
         return array
 
     def _temperature(self, value: Any, shape: tuple[int, ...]) -> np.ndarray:
+        # Fast path for the usual call (a Python or NumPy real scalar well inside
+        # the dtype's range): a per-epoch call should cost little more than ONNX
+        # Runtime's own run. Everything else takes the full check below.
+        if type(value) is float or type(value) is int or isinstance(value, (np.floating, np.integer)):
+            scalar = float(value)
+            if self._smallest_temperature <= scalar <= self._largest_temperature:
+                return np.array(scalar, self.dtype).reshape(self._temperature_shape)
         raw = _real_array(value, "temperature").astype(np.float64)
         info = np.finfo(self.dtype)
         if raw.size == 1:
