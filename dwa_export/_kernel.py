@@ -76,8 +76,16 @@ class DWAWeights(nn.Module):
       never broadcast);
     * K = 0 (an empty last dimension) raises ``ValueError``;
     * a temperature that is not finite and > 0 raises ``ValueError`` in eager
-      mode and TorchScript (one host read per call); an exported graph, and code
-      under ``torch.compile``, return NaN weights for the affected rows instead;
+      mode (one host read per call); an exported graph, and code under
+      ``torch.compile``, return NaN weights for the affected rows instead.
+
+    Under TorchScript (``torch.jit.script``, a loaded ``.pt``) these
+    ``ValueError`` s arrive as ``torch.jit.Error`` whose message ends in
+    ``builtins.ValueError: DWAWeights: ...`` (LibTorch throws a C++ exception
+    with the same message).
+
+    Invalid numbers make rows NaN instead, in every runtime:
+
     * a row whose losses include a zero, a NaN or an infinity (in either input),
       or whose loss changed sign between the epochs (one negative, one
       positive), is all NaN: the same averages that ``DWAHistory.step()``
@@ -87,9 +95,9 @@ class DWAWeights(nn.Module):
     computed in the compute dtype (float32 for float16/bfloat16 inputs), is finite
     and > 0. That also makes a row NaN when valid losses give a rate that is not
     representable: one that overflows (``|r| > 3.4e38`` in float32, ``1.8e308`` in
-    float64) or underflows to zero (below ``1.4e-45`` / ``4.9e-324``), i.e. losses
-    that moved by more than ~76 (float32) or ~630 (float64) orders of magnitude in
-    one epoch. Subnormal rates are valid.
+    float64) or underflows to zero (``|r| < 1.4e-45`` / ``4.9e-324``), i.e. a loss
+    that grew by more than 38 (float64: 308) or fell by more than 45 (float64:
+    324) orders of magnitude in one epoch. Subnormal rates are valid.
 
     Example:
         >>> import torch

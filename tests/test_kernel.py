@@ -150,6 +150,11 @@ def test_compiled_code_poisons_rows_instead_of_raising(monkeypatch):
     out = EAGER(torch.ones(3, 2) * t([[0.5, 1.0]]), torch.ones(3, 2), t([[2.0], [-1.0], [math.inf]]))
     assert torch.isfinite(out[0]).all()
     assert torch.isnan(out[1:]).all()
+    # Invalid losses take the same (stacking) path to NaN rows.
+    loss_t1 = t([[0.5, 1.0]] + [pair[0] for pair in INVALID_PAIRS])
+    loss_t2 = t([[1.0, 1.0]] + [pair[1] for pair in INVALID_PAIRS])
+    out = EAGER(loss_t1, loss_t2, t(2.0))
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1:]).all()
 
 
 INVALID_PAIRS = [
