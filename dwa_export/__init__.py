@@ -20,13 +20,24 @@ _LAZY = {
     "DWAHistory": "._history",
     "DWA": "._loss",
     "LossHistoryError": "._history_core",
+    "PartialEpochWarning": "._history_core",
+    "RankMismatchError": "._history_core",
 }
 
-__all__ = ["DWA", "DWAHistory", "DWAWeights", "LossHistoryError", "__version__", "include_dir"]
+__all__ = [
+    "DWA",
+    "DWAHistory",
+    "DWAWeights",
+    "LossHistoryError",
+    "PartialEpochWarning",
+    "RankMismatchError",
+    "__version__",
+    "include_dir",
+]
 
 if TYPE_CHECKING:
     from ._history import DWAHistory
-    from ._history_core import LossHistoryError
+    from ._history_core import LossHistoryError, PartialEpochWarning, RankMismatchError
     from ._kernel import DWAWeights
     from ._loss import DWA
 

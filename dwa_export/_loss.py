@@ -1,24 +1,28 @@
-"""``DWA``: the drop-in loss module for eager training loops."""
+"""``DWA``: the drop-in loss module for eager and compiled training loops."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ._history import DWAHistory
+from ._history import DWAHistory, Losses, _is_compiling, _mark_static
 from ._history_core import check_temperature
 from ._kernel import DWAWeights
 
 __all__ = ["DWA"]
 
+_STATE_KEYS = frozenset({"temperature", "history", "log"})
+
 
 class DWA(nn.Module):
     r"""Dynamic Weight Average as a loss module: ``loss = dwa(losses)``, ``dwa.step()`` per epoch.
 
-    Each call records the batch's task losses and returns
+    In training mode each call records the batch's task losses and returns
     :math:`\sum_k w_k L_k`, with the weights :math:`w` of the current epoch
 
     .. math::
@@ -30,13 +34,25 @@ class DWA(nn.Module):
     been stepped. The gradient flows through the current losses only. The call
     pattern is that of torchjd's ``DWA`` scalarizer.
 
+    Like ``BatchNorm``'s running statistics, recording follows the module's
+    mode: in ``eval()`` mode (validation), ``dwa(losses)`` returns the weighted
+    sum with the current weights and changes nothing.
+
+    Under ``torch.compile`` the per-batch call compiles into the caller's graph
+    (no graph break, no recompilation from one batch or epoch to the next);
+    :meth:`step` stays outside the compiled function, once per epoch.
+
     Args:
         temperature: T > 0 (the paper uses 2.0); validated here and on assignment.
         num_tasks: K, if known (otherwise fixed by the first batch).
-        distributed, process_group: see :class:`DWAHistory`.
+        tasks: task names; then a batch may also be a mapping ``{name: loss}``,
+            and :meth:`weights_dict` and :attr:`log` use the names.
+        distributed, process_group, allow_empty_ranks: see :class:`DWAHistory`.
 
-    The state (temperature, history, this epoch's running sum) is saved by
-    ``state_dict()`` as extra state, also when ``DWA`` is a submodule of a model.
+    The state (temperature, history, this epoch's running sums, the log) is
+    saved by ``state_dict()`` as extra state, also when ``DWA`` is a submodule
+    of a model. ``.to(device)`` moves it; its precision never drops (``.half()``
+    leaves the float32 sums alone).
 
     Example:
         >>> import torch
@@ -61,16 +77,33 @@ class DWA(nn.Module):
         temperature: float = 2.0,
         num_tasks: int | None = None,
         *,
+        tasks: Sequence[str] | None = None,
         distributed: bool = True,
         process_group: dist.ProcessGroup | None = None,
+        allow_empty_ranks: bool = False,
     ) -> None:
         super().__init__()
-        self.history = DWAHistory(num_tasks, distributed=distributed, process_group=process_group)
+        self.history = DWAHistory(
+            num_tasks,
+            tasks=tasks,
+            distributed=distributed,
+            process_group=process_group,
+            allow_empty_ranks=allow_empty_ranks,
+        )
         self.kernel = DWAWeights()
         self._temperature = check_temperature(temperature)
-        self._weights: Tensor | None = None  # on the history's device, None until needed
-        self._hot_weights: Tensor | None = None  # _weights as the last [K] losses need them
+        # [K] weights of the current epoch on the history's device: a view of a
+        # buffer that exists from construction on (64 entries while K is not
+        # known), updated in place once per epoch so that compiled graphs read
+        # the new values and never allocate.
+        self._weights_buffer = torch.ones(self.history.num_tasks or 64)
+        self._weights: Tensor | None = None
+        self._hot_weights: Tensor | None = None  # _weights in the dtype of the last [K] losses
+        self._weight_log: list[tuple[float, tuple[float, ...]]] = []  # (T, next weights) per history log entry
+        if self.history.num_tasks is not None:
+            self._update_weights()
 
+    # ------------------------------------------------------------------ properties
     @property
     def temperature(self) -> float:
         """T; assigning a new value validates it and recomputes the current weights."""
@@ -79,27 +112,97 @@ class DWA(nn.Module):
     @temperature.setter
     def temperature(self, value: float) -> None:
         self._temperature = check_temperature(value)
-        self._set_weights(None)  # recomputed on next use
+        self._update_weights()
+        if self._weight_log and self._weights is not None and len(self._weight_log) == len(self.history._log):
+            self._weight_log[-1] = (self._temperature, tuple(self._weights.tolist()))
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names, if given."""
+        return self.history.tasks
 
     @property
     def weights(self) -> Tensor:
         """The ``[K]`` weights of the current epoch (all ones during warm-up)."""
         if self._weights is None:
-            self._update_weights()  # raises if K is not known yet
+            self.history._host_inputs()  # raises if K is not known yet
+            self._update_weights()
         assert self._weights is not None
         return self._weights
 
-    def forward(self, losses: Tensor, weight: float | Tensor | None = None) -> Tensor:
-        """Record ``losses`` (``[..., K]``) and return their weighted sum, a 0-d tensor.
+    def weights_dict(self, prefix: str = "") -> dict[str, float]:
+        """The current weights as ``{prefix + name: float}``, for loggers.
 
+        Names are the task names, or ``"task_0"``, ``"task_1"``, ... E.g.
+        ``self.log_dict(dwa.weights_dict("dwa/"))`` in Lightning, or
+        ``writer.add_scalars("dwa", dwa.weights_dict(), epoch)``. It reads the
+        weights to the host (a device sync): call it once per epoch, after
+        :meth:`step`, not per batch.
+        """
+        names = self.tasks or [f"task_{k}" for k in range(self.weights.shape[0])]
+        return {prefix + name: value for name, value in zip(names, self.weights.tolist())}
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        """One JSON-friendly dict per successful :meth:`step`.
+
+        ``epoch``, ``averages`` (that epoch's average loss per task),
+        ``rates`` (``averages / previous averages``; ``None`` in the warm-up),
+        ``temperature`` and ``weights`` (the weights the next epoch uses),
+        ``batches`` and ``weight`` (the batch count and weight sum behind the
+        averages). With task names, ``averages``, ``rates`` and ``weights``
+        are dicts ``{name: value}``. Saved in ``state_dict()``; identical on
+        every rank under ``torch.distributed``.
+        """
+        entries = self.history.log
+        names = self.tasks
+        out = []
+        previous = None
+        for entry, (temperature, weights) in zip(entries, self._aligned_weight_log(len(entries))):
+            average = entry["averages"]
+            rates = None if previous is None else [a / p for a, p in zip(average, previous)]
+            previous = average
+
+            def named(values: Sequence[float] | None) -> Any:
+                if values is None or names is None:
+                    return None if values is None else list(values)
+                return dict(zip(names, values))
+
+            out.append(
+                {
+                    "epoch": entry["epoch"],
+                    "averages": named(average),
+                    "rates": named(rates),
+                    "temperature": temperature,
+                    "weights": named(weights),
+                    "batches": entry["batches"],
+                    "weight": entry["weight"],
+                }
+            )
+        return out
+
+    def _aligned_weight_log(self, length: int) -> list[tuple[float | None, tuple[float, ...] | None]]:
+        """(T, weights) for each history log entry; None where ``history.step()`` was called directly."""
+        known: list[tuple[float | None, tuple[float, ...] | None]] = list(self._weight_log[-length:])
+        return [(None, None)] * (length - len(known)) + known
+
+    # ------------------------------------------------------------------ per batch
+    def forward(self, losses: Losses, weight: float | Tensor | None = None) -> Tensor:
+        """Record ``losses`` (in training mode) and return their weighted sum, a 0-d tensor.
+
+        ``losses``: a ``[..., K]`` tensor, a 0-d tensor (K = 1), a list/tuple
+        of K 0-d tensors, or, with ``tasks``, a mapping ``{name: loss}``.
         Leading dims are samples: the result is the mean over them of
         ``sum_k w_k * losses[..., k]``. ``weight`` is passed to
         :meth:`DWAHistory.record` (e.g. the batch size). No host-device
         synchronisation.
         """
-        self.history.record(losses, weight)
+        if not isinstance(losses, Tensor) or losses.dim() == 0:
+            losses = self.history.as_losses(losses)
+        if self.training:
+            self.history.record(losses, weight)
         hot = self._hot_weights
-        if hot is not None:
+        if hot is not None and not _is_compiling():
             try:  # the hot path: [K] losses of the dtype and device of the last ones
                 return torch.dot(losses, hot)
             except RuntimeError:
@@ -109,53 +212,162 @@ class DWA(nn.Module):
     def _weighted_sum(self, losses: Tensor) -> Tensor:
         weights = self._weights
         if weights is None or weights.device != losses.device:
-            self._update_weights()
+            num_tasks = self.history.num_tasks
+            if num_tasks is None:  # eval mode before any batch: uniform weights
+                return losses.sum(-1).mean()
+            if self._weights_buffer.device != losses.device:
+                self._to_device(losses.device)
+            if self._weights is None:
+                # K was just fixed by this first batch: the weights are the
+                # warm-up's ones, which the buffer holds.
+                self._bind_weights(num_tasks)
             weights = self._weights
             assert weights is not None
-        weights = weights.to(losses.dtype)
+        if weights.dtype != losses.dtype:
+            weights = weights.to(losses.dtype)
         if losses.dim() == 1:
-            self._hot_weights = weights
+            if not _is_compiling():
+                self._hot_weights = weights
             return torch.dot(losses, weights)
-        self._hot_weights = None  # batched losses: no dot attempt on the next call
+        if not _is_compiling():
+            self._hot_weights = None  # batched losses: no dot attempt on the next call
         return torch.matmul(losses, weights).mean()
 
+    # ------------------------------------------------------------------ per epoch
     def step(self) -> None:
-        """Close the epoch (see :meth:`DWAHistory.step`) and compute the next epoch's weights."""
+        """Close the epoch (see :meth:`DWAHistory.step`) and compute the next epoch's weights.
+
+        Call it once per epoch, outside any ``torch.compile``'d function.
+        """
+        logged = len(self.history._log)
         self.history.step()
         if self.history.num_tasks is not None:
             self._update_weights()
+        if len(self.history._log) > logged and self._weights is not None:
+            self._weight_log = self._aligned_weight_log(logged) + [(self._temperature, tuple(self._weights.tolist()))]  # type: ignore[list-item]
 
     def discard_epoch(self) -> None:
         """Drop the batches recorded since the last :meth:`step`."""
         self.history.discard_epoch()
 
     def reset(self) -> None:
-        """Forget the history; the weights return to uniform."""
+        """Forget the history and the log; the weights return to uniform."""
         self.history.reset()
-        self._set_weights(None)
+        self._weight_log = []
+        self._update_weights()
+
+    def consolidate_state_dict(self) -> None:
+        """See :meth:`DWAHistory.consolidate_state_dict` (a collective: call it on every rank)."""
+        self.history.consolidate_state_dict()
 
     def _update_weights(self) -> None:
+        """Recompute the current weights from the history, in place."""
+        self._hot_weights = None
+        num_tasks = self.history.num_tasks
+        if num_tasks is None:
+            self._weights = None
+            self._weights_buffer.fill_(1.0)
+            return
         loss_t1, loss_t2 = self.history.inputs()
         temperature = torch.tensor(self._temperature, dtype=loss_t1.dtype, device=loss_t1.device)
-        self._set_weights(self.kernel(loss_t1, loss_t2, temperature))
+        new = self.kernel(loss_t1, loss_t2, temperature)
+        buffer = self._weights_buffer
+        if (buffer.dtype, buffer.device) != (new.dtype, new.device) or buffer.shape[0] < num_tasks:
+            self._weights_buffer = torch.ones(max(num_tasks, buffer.shape[0]), dtype=new.dtype, device=new.device)
+            _mark_static(self._weights_buffer)
+            self._weights = None
+        self._bind_weights(num_tasks)
+        assert self._weights is not None
+        self._weights.copy_(new)  # same storage: compiled graphs and CUDA graphs see the new values
 
-    def _set_weights(self, weights: Tensor | None) -> None:
-        self._weights = weights
+    def _bind_weights(self, num_tasks: int) -> None:
+        buffer = self._weights_buffer
+        if self._weights is None or self._weights.shape[0] != num_tasks:
+            self._weights = buffer if buffer.shape[0] == num_tasks else buffer[:num_tasks]
+            _mark_static(self._weights)
+
+    # ------------------------------------------------------------------ device
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> DWA:
+        # The state is not a buffer: DDP would broadcast rank 0's running sums
+        # over every rank's, and .half() would lower their precision. Follow
+        # the device only.
+        super()._apply(fn, recurse)
+        device = fn(torch.empty(0)).device
+        self._to_device(device)
+        return self
+
+    def _to_device(self, device: torch.device) -> None:
+        self.history.to(device)
+        if self._weights_buffer.device != device:
+            self._weights_buffer = self._weights_buffer.to(device)
+            _mark_static(self._weights_buffer)
+            if self._weights is not None:
+                num_tasks = self._weights.shape[0]
+                self._weights = None
+                self._bind_weights(num_tasks)
         self._hot_weights = None
 
+    # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
-        return {"temperature": self._temperature, "history": self.history.state_dict()}
+        weight_log = self._aligned_weight_log(len(self.history._log))
+        return {
+            "temperature": self._temperature,
+            "history": self.history.state_dict(),
+            "log": {
+                "temperature": [t for t, _ in weight_log],
+                "weights": [None if w is None else list(w) for _, w in weight_log],
+            },
+        }
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or set(state) != {"temperature", "history"}:
+        if not isinstance(state, dict) or not {"temperature", "history"} <= state.keys() <= _STATE_KEYS:
             raise ValueError(
                 "malformed DWA state: expected the dict saved by DWA.state_dict() with keys "
-                f"'temperature' and 'history', got {state!r}"
+                f"'temperature', 'history' and 'log', got {_short(state)}"
             )
         temperature = check_temperature(state["temperature"])
+        weight_log = _parse_weight_log(state.get("log"), state["history"])
         self.history.load_state_dict(state["history"])
         self._temperature = temperature
-        self._set_weights(None)  # recomputed on next use, on the device of the next losses
+        self._weight_log = weight_log
+        self._update_weights()
 
     def extra_repr(self) -> str:
-        return f"temperature={self._temperature}, num_tasks={self.history.num_tasks}, ready={self.history.ready}"
+        tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
+        return f"temperature={self._temperature}, num_tasks={self.history.num_tasks}{tasks}, ready={self.history.ready}"
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + "..."
+
+
+def _parse_weight_log(value: Any, history: Any) -> list[tuple[float, tuple[float, ...]]]:
+    """The DWA columns of the log: (temperature, weights) per history log entry."""
+    if value is None:  # saved by dwa_export 0.1, which had no log
+        return []
+    entries = history.get("log", {}).get("batches", []) if isinstance(history, dict) else []
+    if (
+        not isinstance(value, dict)
+        or set(value) != {"temperature", "weights"}
+        or not isinstance(value["temperature"], list)
+        or not isinstance(value["weights"], list)
+        or not len(value["temperature"]) == len(value["weights"]) == len(entries)
+    ):
+        raise ValueError(
+            "malformed DWA state: 'log' must be {'temperature': [...], 'weights': [...]} with one entry "
+            f"per history log entry ({len(entries)}), got {_short(value)}"
+        )
+    out = []
+    for i, (temperature, weights) in enumerate(zip(value["temperature"], value["weights"])):
+        if temperature is None and weights is None:
+            out.append((None, None))
+            continue
+        check_temperature(temperature)
+        if not isinstance(weights, list) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
+        ):
+            raise ValueError(f"malformed DWA state: log weights[{i}] must be a list of positive numbers, got {_short(weights)}")
+        out.append((float(temperature), tuple(float(w) for w in weights)))
+    return out  # type: ignore[return-value]
+

@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from ._history_core import HistoryCore, LossHistoryError, check_batch_weight
+from ._history_core import LossHistoryError
+from ._numpy_history import NumpyDWAHistory
 
 __all__ = ["DWAWeightsSession", "LossHistoryError", "NumpyDWAHistory"]
 
@@ -247,92 +248,3 @@ class DWAWeightsSession:
                 f"temperature {value!r}{where.format(row=index)} is outside the range of this model's {self.dtype}: "
                 f"a temperature must lie between {float(info.smallest_subnormal):.3g} and {float(info.max):.8g}"
             )
-
-
-class NumpyDWAHistory(HistoryCore):
-    """:class:`dwa_export.DWAHistory` for NumPy: ``record`` per batch, ``step`` per epoch.
-
-    The rules (epoch averages, warm-up, validation, roll, ``state_dict`` format)
-    are those of the torch history, shared through one implementation; a
-    checkpoint from either loads into the other. Sums are kept in float32
-    (float64 for float64 losses), like the torch history.
-    """
-
-    def __init__(self, num_tasks: int | None = None) -> None:
-        super().__init__(num_tasks)
-        self._sum: np.ndarray | None = None
-        self._weight = 0.0
-
-    def record(self, losses: Any, weight: float | np.ndarray | None = None) -> None:
-        """Add one batch of per-task losses (``[..., K]``); see :meth:`DWAHistory.record`."""
-        losses = np.asarray(losses)
-        if losses.ndim == 0 or losses.shape[-1] == 0 or losses.dtype.kind != "f":
-            raise ValueError(
-                f"losses must be a floating-point array of shape [..., K] with K >= 1, got shape "
-                f"{list(losses.shape)} and dtype {losses.dtype}"
-            )
-        if weight is not None and not isinstance(weight, np.ndarray):
-            weight = check_batch_weight(weight)  # before anything changes
-        num_tasks = losses.shape[-1]
-        self._check_num_tasks(num_tasks)
-        if self._sum is None:
-            self._sum = np.zeros(num_tasks, dtype=np.promote_types(losses.dtype, np.float32))
-        rows = losses.reshape(-1, num_tasks)
-        if weight is None:
-            self._sum += rows.sum(axis=0, dtype=self._sum.dtype)
-            self._weight += len(rows)
-        elif isinstance(weight, np.ndarray):
-            batch_shape = losses.shape[:-1]
-            try:
-                weights = np.broadcast_to(weight, batch_shape).reshape(-1).astype(self._sum.dtype)
-            except ValueError:
-                raise ValueError(
-                    f"weight of shape {list(weight.shape)} does not broadcast to the batch shape "
-                    f"{list(batch_shape)} of losses {list(losses.shape)} (one weight per row of K losses)"
-                ) from None
-            self._sum += (rows * weights[:, None]).sum(axis=0, dtype=self._sum.dtype)
-            self._weight += float(weights.sum(dtype=np.float64))
-        else:
-            self._sum += rows.sum(axis=0, dtype=self._sum.dtype) * self._sum.dtype.type(weight)
-            self._weight += weight * len(rows)
-
-    def inputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """``(loss_t1, loss_t2)`` for the kernel; all ones (uniform weights) during warm-up."""
-        loss_t1, loss_t2 = self._host_inputs()
-        dtype = np.float32 if self._sum is None else self._sum.dtype
-        return np.asarray(loss_t1, dtype=dtype), np.asarray(loss_t2, dtype=dtype)
-
-    def reset(self) -> None:
-        super().reset()
-        self._sum = None  # K may change after a reset
-
-    def _epoch_totals(self) -> tuple[Sequence[float], float] | None:
-        if self._sum is None:
-            return None
-        return self._sum.tolist(), self._weight
-
-    def _clear_epoch(self) -> None:
-        if self._sum is not None:
-            self._sum[:] = 0
-        self._weight = 0.0
-
-    def _epoch_state(self) -> tuple[str | None, Sequence[float] | None, float, float | None]:
-        if self._sum is None:
-            return None, None, self._weight, None
-        return self._sum.dtype.name, self._sum.tolist(), self._weight, None
-
-    def _load_epoch_state(
-        self, dtype: str | None, sums: Sequence[float] | None, weight: float, tensor_weight: float | None
-    ) -> None:
-        if dtype is not None:
-            try:
-                np_dtype = np.dtype(dtype)
-            except TypeError:
-                np_dtype = None
-            if np_dtype is None or np_dtype.kind != "f":
-                raise ValueError(f"malformed DWA history state_dict: 'dtype' {dtype!r} is not a floating dtype")
-        self._sum = None if sums is None else np.asarray(sums, dtype=dtype)
-        self._weight = weight + (tensor_weight or 0.0)
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}(num_tasks={self._num_tasks}, epochs_stored={len(self._averages)})"

@@ -138,14 +138,22 @@ def test_a_shape_change_raises_and_tells_the_user_to_reset():
 @pytest.mark.parametrize(
     "losses,weight,match",
     [
-        (torch.tensor(1.0), None, "shape"),
         (torch.ones(0), None, "K >= 1"),
         (torch.tensor([1, 2]), None, "floating-point"),
-        ([1.0, 2.0], None, "must be a tensor"),
+        ([1.0, 2.0], None, "a list/tuple of K 0-d tensors"),
+        ([torch.ones(2), torch.ones(2)], None, "a list/tuple of K 0-d tensors"),
+        ({"a": torch.tensor(1.0)}, None, "need task names"),
         (torch.ones(2), -1.0, "weight must be finite and >= 0"),
         (torch.ones(2), math.nan, "weight must be finite"),
-        (torch.ones(2), True, "weight must be a number"),
-        (torch.ones(3, 2), torch.ones(2), r"does not broadcast to the batch shape \[3\]"),
+        (torch.ones(2), True, "weight must be a real number"),
+        (torch.ones(2), "2", "weight must be a real number"),
+        (torch.ones(3, 2), torch.ones(2), r"must have the batch shape \[3\]"),
+        (torch.ones(3, 2), torch.ones(3, 1), r"must have the batch shape \[3\]"),
+        (torch.ones(3, 2), torch.tensor(2.0), r"must have the batch shape \[3\]"),
+        (torch.ones(3, 2), 3, "is one number, but the losses have rows"),
+        (torch.ones(1, 2), 3.0, "is one number, but the losses have rows"),
+        (torch.ones(2), torch.ones(1), r"a 0-d tensor for \[K\] losses"),
+        (torch.ones(2), torch.tensor([True]).squeeze(), "real tensor"),
     ],
 )
 def test_bad_record_input_raises_clearly_and_changes_nothing(losses, weight, match):
@@ -198,11 +206,24 @@ def test_a_sign_change_is_judged_against_the_previous_epoch_only():
     np.testing.assert_allclose(weights_of(history), dwa_weights([-0.5, 0.25], [-1.0, 0.5], 2.0), atol=1e-6)
 
 
-def test_negative_total_tensor_weight_raises():
+@pytest.mark.parametrize("bad", [-1.0, math.nan, math.inf])
+def test_an_invalid_per_row_weight_is_reported_by_step_with_nothing_changed(bad):
+    # Tensor weights cannot be checked per batch without a device sync: a
+    # negative, NaN or infinite one makes the epoch's weight invalid instead,
+    # even when the total would look fine (-1 + 2 = 1).
     history = DWAHistory()
-    history.record(torch.ones(2), weight=torch.tensor(-1.0))
-    with pytest.raises(LossHistoryError, match="weights recorded this epoch sum to -1.0"):
+    history.record(torch.tensor([1.0, 1.0]))
+    history.step()
+    history.record(torch.tensor([[1.0, 2.0], [3.0, 4.0]]), weight=torch.tensor([bad, 2.0]))
+    before = json.dumps(history.state_dict())
+    with pytest.raises(LossHistoryError, match=r"weights recorded this epoch sum to (nan|inf).*per-row weight"):
         history.step()
+    assert json.dumps(history.state_dict()) == before
+    assert len(history.log) == 1
+    history.discard_epoch()
+    history.record(torch.tensor([0.5, 0.5]))
+    history.step()
+    assert history.averages[-1] == (0.5, 0.5)
 
 
 @pytest.mark.parametrize("stop_after_batches", [0, 1, 2])
@@ -243,25 +264,47 @@ def test_resuming_from_a_checkpoint_reproduces_the_weights_exactly(stop_in_epoch
     [
         (lambda s: s.pop("averages"), "missing keys"),
         (lambda s: s.update(version=99), "version"),
+        (lambda s: s.update(version=True), "version"),
+        (lambda s: s.update(version=2.0), "version"),
         (lambda s: s.update(format="something else"), "format"),
         (lambda s: s.update(extra=1), "unexpected keys"),
         (lambda s: s.update(averages=[[1.0, 2.0, 3.0]]), "list of 2 numbers"),
         (lambda s: s.update(averages=[[1.0, 2.0], [1.0, -2.0]]), "changed sign"),
         (lambda s: s.update(averages=[[1.0, 0.0]]), "task 1 is 0.0"),
-        (lambda s: s.update(epoch_sum=[1.0]), "'epoch_sum' must be a list of 2"),
-        (lambda s: s.update(epoch_weight=-1), "'epoch_weight' must be a number >= 0"),
-        (lambda s: s.update(num_tasks=0), "num_tasks must be a positive int"),
-        (lambda s: s.update(dtype="int64"), "not a torch floating dtype"),
+        (lambda s: s.update(averages=[[1.0, 10**400]]), "beyond the float range"),
+        (lambda s: s.update(num_tasks=0), "'num_tasks' must be None or an int from 1"),
+        (lambda s: s.update(num_tasks=4_000_000_000), "'num_tasks' must be None or an int from 1"),
+        (lambda s: s.update(num_tasks=2.0), "'num_tasks' must be None or an int from 1"),
+        (lambda s: s.update(tasks=["a", "a"]), "distinct"),
+        (lambda s: s.update(tasks=["a"]), "num_tasks=2 but 1 task names"),
+        (lambda s: s.update(tasks=["a", "\ud800"]), "non-empty string"),
+        (lambda s: s["partial"].__setitem__(2, "float"), "dtype in 'partial' must be one of"),
+        (lambda s: s["partial"].__setitem__(2, "float8_e4m3fn"), "dtype in 'partial' must be one of"),
+        (lambda s: s["partial"].__setitem__(4, -0.5), "weight in 'partial' must be >= 0"),
+        (lambda s: s["partial"].__setitem__(3, 0), "batch count in 'partial' must be an int from 1"),
+        (lambda s: s["partial"].__setitem__(3, True), "batch count in 'partial' must be an int"),
+        (lambda s: s["partial"].__setitem__(5, [1.0]), "sums in 'partial' must be a list of 2"),
+        (lambda s: s["partial"].__setitem__(5, [0.1, 1.0]), "must be float32 values"),
+        (lambda s: s["partial"].__setitem__(5, [10**400, 1.0]), "beyond the float range"),
+        (lambda s: s["partial"].__setitem__(0, 3), "rank in 'partial' must be None for a single process"),
+        (lambda s: s.update(partial={"sums": [1.0, 1.0]}), "'partial' must be None or"),
+        (lambda s: s["log"].update(weight=[1.0]), "columns of 'log' must be lists of one length"),
+        (lambda s: s["log"].update(batches=[1, 0, 1]), r"log batches\[1\] must be an int from 1"),
+        (lambda s: s["log"].update(weight=[1.0, math.nan, 1.0]), r"log weight\[1\] must be a finite number > 0"),
+        (lambda s: s["log"]["averages"].__setitem__(1, [1.0, -1.0]), "changed sign"),
+        (lambda s: s.update(log=[]), "'log' must be a dict"),
     ],
 )
 def test_malformed_state_raises_and_changes_nothing(mutate, match):
     source = DWAHistory()
-    run(source, [[[1.0, 2.0]], [[0.5, 1.5]]])
+    run(source, [[[1.0, 2.0]], [[0.5, 1.5]], [[0.4, 1.4]]])
     source.record(torch.tensor([0.4, 1.0]))
-    state = source.state_dict()
+    state = json.loads(json.dumps(source.state_dict()))
     mutate(state)
-    target = DWAHistory()
-    target.record(torch.tensor([7.0, 7.0]))
+    # A target whose every field differs from the rejected state's.
+    target = DWAHistory(tasks=("x", "y"))
+    run(target, [[[7.0, 8.0]], [[6.0, 9.0]]])
+    target.record(torch.tensor([3.0, 3.0], dtype=torch.float64), weight=2.5)
     before = target.state_dict()
     with pytest.raises(ValueError, match=match):
         target.load_state_dict(state)
@@ -325,4 +368,166 @@ def test_record_detaches():
     losses = torch.tensor([0.5, 0.7], requires_grad=True)
     history.record(losses * 3)
     history.record(losses, weight=torch.tensor(2.0, requires_grad=True))
-    assert not history._sum.requires_grad and not history._tensor_weight.requires_grad
+    history.record(losses.expand(2, 2), weight=torch.tensor([1.0, 2.0], requires_grad=True))
+    assert not history._sums.requires_grad and not history._stats.requires_grad
+    assert losses.grad is None
+
+
+# --------------------------------------------------------------------------- input forms
+
+
+def test_a_0d_tensor_is_one_task_and_a_list_of_0d_tensors_is_k_tasks():
+    single, listed, tupled, stacked = DWAHistory(), DWAHistory(), DWAHistory(), DWAHistory()
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.8]):
+        a, b = torch.tensor(losses[0]), torch.tensor(losses[1])
+        single.record(a)
+        listed.record([a, b])
+        tupled.record((a, b))
+        stacked.record(torch.stack([a, b]))
+        for h in (single, listed, tupled, stacked):
+            h.step()
+    assert single.num_tasks == 1 and single.averages[-1] == (float(np.float32(0.4)),)
+    assert listed.state_dict() == tupled.state_dict() == stacked.state_dict()
+
+
+def test_named_losses_in_any_order_equal_the_tensor_in_task_order():
+    named, plain = DWAHistory(tasks=("seg", "depth", "normal")), DWAHistory(num_tasks=3)
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        for _ in range(4):
+            seg, depth, normal = (torch.rand(3, generator=gen) + 0.5).unbind()
+            named.record({"normal": normal, "seg": seg, "depth": depth})
+            plain.record(torch.stack([seg, depth, normal]))
+        named.step()
+        plain.step()
+    assert named.log == plain.log and named.averages == plain.averages
+    assert named.state_dict()["tasks"] == ["seg", "depth", "normal"]
+
+
+@pytest.mark.parametrize(
+    "batch,match",
+    [
+        ({"seg": 1.0, "depth": 1.0}, r"missing \['normal'\], unexpected \[\]"),
+        ({"seg": 1.0, "depth": 1.0, "normal": 1.0, "edges": 1.0}, r"missing \[\], unexpected \['edges'\]"),
+        ({"seg": 1.0, "dpeth": 1.0, "normal": 1.0}, r"missing \['depth'\], unexpected \['dpeth'\]"),
+        ({"seg": [1.0, 2.0], "depth": 1.0, "normal": 1.0}, "list/tuple of K 0-d tensors"),
+    ],
+)
+def test_a_malformed_named_batch_is_rejected_naming_the_tasks_and_records_nothing(batch, match):
+    history = DWAHistory(tasks=("seg", "depth", "normal"))
+    history.record(torch.ones(3))
+    before = history.state_dict()
+    batch = {k: torch.tensor(v) for k, v in batch.items()}
+    with pytest.raises((ValueError, TypeError), match=match) as info:
+        history.record(batch)
+    if "missing" in match:
+        assert "['seg', 'depth', 'normal']" in str(info.value)
+    assert history.state_dict() == before
+
+
+def test_task_names_are_checked_on_load_and_fix_k():
+    source = DWAHistory(tasks=("seg", "depth"))
+    source.record({"seg": torch.tensor(1.0), "depth": torch.tensor(2.0)})
+    with pytest.raises(ValueError, match=r"task names \['seg', 'depth'\] differ from this history's \['depth', 'seg'\]"):
+        DWAHistory(tasks=("depth", "seg")).load_state_dict(source.state_dict())
+    unnamed = DWAHistory()
+    unnamed.load_state_dict(source.state_dict())
+    assert unnamed.tasks == ("seg", "depth")
+    with pytest.raises(ValueError, match="num_tasks=3 but 2 task names"):
+        DWAHistory(num_tasks=3, tasks=("a", "b"))
+    with pytest.raises(ValueError, match="distinct"):
+        DWAHistory(tasks=("a", "a"))
+
+
+# --------------------------------------------------------------------------- the sample-weighting rule
+
+
+def test_the_sample_weighting_rule_by_hand():
+    # Batch 1: batch-mean losses [1, 10] of 2 samples -> weight=2.
+    # Batch 2: per-sample losses [[3, 30], [5, 50], [7, 70]] -> each row once.
+    # Sample-weighted average of task 0: (2 * 1 + 3 + 5 + 7) / (2 + 3) = 17 / 5 = 3.4.
+    history = DWAHistory()
+    history.record(torch.tensor([1.0, 10.0]), weight=2)
+    history.record(torch.tensor([[3.0, 30.0], [5.0, 50.0], [7.0, 70.0]]))
+    history.step()
+    assert history.averages[-1] == pytest.approx((3.4, 34.0))
+    assert history.log[-1]["batches"] == 2 and history.log[-1]["weight"] == 5.0
+    # Per-row weights: rows 3 and 5 with weights 1 and 3: (3 + 15) / 4 = 4.5.
+    history.record(torch.tensor([[3.0, 30.0], [5.0, 50.0]]), weight=torch.tensor([1.0, 3.0]))
+    history.step()
+    assert history.averages[-1] == pytest.approx((4.5, 45.0))
+
+
+# --------------------------------------------------------------------------- the log
+
+
+def test_the_log_has_one_entry_per_successful_step_equal_to_a_float64_reference():
+    history = DWAHistory()
+    weights = [[1.0, 2.0], [3.0, 1.0, 0.5], [1.0], [2.0, 1.0], [4.0]]
+    seen = run(history, EPOCHS, batch_weights=weights)
+    assert len(seen) == len(EPOCHS)
+    log = history.log
+    assert [entry["epoch"] for entry in log] == list(range(len(EPOCHS)))
+    for entry, batches, w in zip(log, EPOCHS, weights):
+        rows = np.array(batches, dtype=np.float32).astype(np.float64)
+        w = np.array(w)
+        np.testing.assert_allclose(entry["averages"], (rows * w[:, None]).sum(0) / w.sum(), rtol=1e-6)
+        assert entry["batches"] == len(batches) and entry["weight"] == w.sum()
+    json.dumps(log)  # JSON-friendly
+
+    history.record(torch.tensor([0.0, 1.0, 1.0]))
+    with pytest.raises(LossHistoryError):
+        history.step()
+    assert history.log == log  # a failed step adds no entry
+    history.discard_epoch()
+    history.step()  # nothing recorded: no entry either
+    assert history.log == log
+    history.reset()
+    assert history.log == [] and history.state_dict()["log"] == {"batches": [], "weight": [], "averages": []}
+
+
+def test_the_log_survives_a_checkpoint():
+    first = DWAHistory()
+    run(first, EPOCHS[:3])
+    resumed = DWAHistory()
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    run(resumed, EPOCHS[3:])
+    uninterrupted = DWAHistory()
+    run(uninterrupted, EPOCHS)
+    assert resumed.log == uninterrupted.log
+
+
+# --------------------------------------------------------------------------- version 1 checkpoints
+
+
+def test_a_version_1_checkpoint_still_loads_and_resumes_exactly():
+    # What dwa_export 0.1 wrote mid-epoch after two epochs and 2 batches
+    # (one plain, one tensor-weighted), written out by hand.
+    v1 = {
+        "format": "dwa_export.history",
+        "version": 1,
+        "num_tasks": 2,
+        "averages": [[1.0, 2.0], [0.75, 1.5]],
+        "dtype": "float32",
+        "epoch_sum": [1.5, 3.0],
+        "epoch_weight": 1.0,
+        "epoch_tensor_weight": 2.0,
+    }
+    history = DWAHistory()
+    history.load_state_dict(v1)
+    assert history.state_dict()["partial"] == [None, 1, "float32", 1, 3.0, [1.5, 3.0]]
+    history.record(torch.tensor([0.5, 1.0]))
+    history.step()
+    assert history.averages == ((0.75, 1.5), (2.0 / 4, 4.0 / 4))
+    assert history.log[0]["batches"] == 2  # the running epoch counts as one batch
+    # An epoch-boundary v1 state (zero weight) has no running epoch.
+    empty = dict(v1, epoch_sum=[0.0, 0.0], epoch_weight=0.0, epoch_tensor_weight=None)
+    history.load_state_dict(empty)
+    assert history.state_dict()["partial"] is None and history.ready
+    with pytest.raises(ValueError, match="'epoch_weight' must be a number >= 0"):
+        history.load_state_dict(dict(v1, epoch_weight=-0.5))
+
+
+def test_repr_names_the_state():
+    history = DWAHistory(tasks=("a", "b"))
+    assert repr(history) == "DWAHistory(num_tasks=2, tasks=['a', 'b'], epochs_stored=0, device=cpu, distributed=True)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -51,16 +52,19 @@ def test_leading_dims_are_averaged_samples():
     assert dwa(per_sample).item() == pytest.approx((1 + 2 + 3 + 6) / 2)
 
 
-def test_weights_are_computed_once_per_epoch(monkeypatch):
+@pytest.mark.parametrize("num_tasks", [None, 3])
+def test_weights_are_computed_once_per_epoch(monkeypatch, num_tasks):
     calls = []
     original = DWAWeights.forward
     monkeypatch.setattr(DWAWeights, "forward", lambda self, *a: calls.append(1) or original(self, *a))
-    dwa = DWA()
+    dwa = DWA(num_tasks=num_tasks)
     for epoch in range(3):
         for _ in range(10):
             dwa(torch.rand(3) + 0.5)
         dwa.step()
-    assert len(calls) == 1 + 3  # first batch (warm-up weights) + one per step
+    # One per step, plus the warm-up weights when K is given (without K, the
+    # first batch takes the uniform warm-up weights without a kernel call).
+    assert len(calls) == 3 + (num_tasks is not None)
 
 
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
@@ -181,3 +185,192 @@ def test_the_weighted_sum_follows_each_call_s_shape_and_dtype():
     losses = torch.tensor([0.6, 1.5, 0.3])
     w4 = epoch_weights([[[1.0, 2.0, 0.5]], [[0.9, 1.9, 0.5]], [[0.0, 0.0, 0.0]]], 4.0)[2]
     assert dwa(losses).item() == pytest.approx(float(losses.double().numpy() @ w4), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- validation loops
+
+
+def test_eval_mode_returns_the_weighted_sum_and_records_nothing():
+    def train(validate: bool) -> tuple[list[float], list[float]]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        dwa = DWA()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        gen = torch.Generator().manual_seed(1)
+        val_losses = []
+        for epoch in range(4):
+            model.train()
+            dwa.train()
+            for _ in range(5):
+                x = torch.randn(8, 4, generator=gen)
+                losses = (model(x) - torch.tensor([1.0, 2.0, 3.0]) / (epoch + 1)).pow(2).mean(0)
+                optimizer.zero_grad()
+                dwa(losses).backward()
+                optimizer.step()
+            dwa.step()
+            if validate:  # a validation pass with the same DWA, as Lightning's loop runs it
+                model.eval()
+                dwa.eval()
+                with torch.no_grad():
+                    for _ in range(3):
+                        x = torch.randn(8, 4) * 10  # validation losses far from the training ones
+                        losses = (model(x) - 5.0).pow(2).mean(0)
+                        val_losses.append(dwa(losses).item())
+                        expected = float(torch.dot(losses, dwa.weights))
+                        assert val_losses[-1] == pytest.approx(expected, rel=1e-6)
+        return dwa.weights.tolist(), val_losses
+
+    plain, _ = train(validate=False)
+    with_validation, val_losses = train(validate=True)
+    assert with_validation == plain  # validation batches did not move the weights
+    assert len(val_losses) == 12
+
+
+def test_eval_mode_before_any_training_batch_uses_uniform_weights():
+    dwa = DWA().eval()
+    assert dwa(torch.tensor([1.0, 2.0])).item() == 3.0
+    assert dwa(torch.tensor([[1.0, 2.0], [3.0, 4.0]])).item() == 5.0
+    assert dwa.history.num_tasks is None  # nothing was recorded
+
+
+def test_a_lightning_style_training_and_validation_step_pair():
+    pl = pytest.importorskip("lightning.pytorch")
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(4, 2)
+            self.dwa = DWA(num_tasks=2)
+
+        def training_step(self, batch, _):
+            x, y = batch
+            return self.dwa((self.net(x) - y).pow(2).mean(0))
+
+        def validation_step(self, batch, _):
+            x, y = batch
+            self.log("val_loss", self.dwa((self.net(x) - 10 * y).pow(2).mean(0)))
+
+        def on_train_epoch_end(self):
+            self.dwa.step()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 2))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    module = Module()
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    trainer.fit(module, loader, loader)
+    assert [entry["batches"] for entry in module.dwa.log] == [4, 4, 4]  # training batches only
+
+
+# --------------------------------------------------------------------------- input forms
+
+
+def test_a_list_or_tuple_of_scalar_losses_is_stacked_and_gradients_reach_each():
+    dwa = DWA(temperature=0.5)
+    for losses in ([1.0, 2.0], [0.9, 1.9]):
+        dwa(torch.tensor(losses))
+        dwa.step()
+    seg = torch.tensor(0.8, requires_grad=True)
+    depth = torch.tensor(1.7, requires_grad=True)
+    out = dwa([seg, depth])
+    out.backward()
+    w = dwa.weights
+    assert out.item() == pytest.approx(float(w[0] * 0.8 + w[1] * 1.7), rel=1e-6)
+    assert seg.grad.item() == pytest.approx(w[0].item()) and depth.grad.item() == pytest.approx(w[1].item())
+    assert dwa((seg, depth)).item() == pytest.approx(out.item())
+    with pytest.raises(TypeError, match=r"got list \[float, float\]"):
+        dwa([0.8, 1.7])
+
+
+def test_a_scalar_loss_is_one_task_as_in_torchjd():
+    dwa = DWA()
+    loss = torch.tensor(0.7, requires_grad=True)
+    out = dwa(loss)
+    assert out.item() == pytest.approx(0.7) and dwa.history.num_tasks == 1
+    out.backward()
+    assert loss.grad.item() == 1.0
+
+
+def test_named_losses_give_the_same_losses_and_weights_as_the_tensor():
+    names = ("seg", "depth", "normal")
+    named, plain = DWA(tasks=names), DWA(num_tasks=3)
+    gen = torch.Generator().manual_seed(4)
+    for epoch in range(4):
+        for _ in range(3):
+            losses = torch.rand(3, generator=gen) / (1 + epoch * torch.tensor([0.1, 0.5, 1.0]))
+            by_name = dict(zip(names, losses.unbind()))
+            assert named(by_name).item() == plain(losses).item()
+        named.step()
+        plain.step()
+    assert torch.equal(named.weights, plain.weights)
+    assert named.weights_dict("dwa/") == {f"dwa/{n}": w for n, w in zip(names, plain.weights.tolist())}
+    assert plain.weights_dict() == {f"task_{k}": w for k, w in enumerate(plain.weights.tolist())}
+
+
+def test_the_log_holds_what_each_step_computed_and_survives_a_checkpoint():
+    names = ("a", "b", "c")
+    dwa = DWA(temperature=0.5, tasks=names)
+    for epoch, batches in enumerate(EPOCHS[:3]):
+        for losses in batches:
+            dwa(torch.tensor(losses))
+        dwa.step()
+    buffer = io.BytesIO()
+    torch.save(dwa.state_dict(), buffer)
+    resumed = DWA(tasks=names)
+    resumed.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    for batches in EPOCHS[3:]:
+        for losses in batches:
+            dwa(torch.tensor(losses))
+            resumed(torch.tensor(losses))
+        dwa.step()
+        resumed.step()
+    assert resumed.log == dwa.log
+    log = dwa.log
+    assert len(log) == len(EPOCHS)
+    expected = epoch_weights(EPOCHS + [[[1.0, 1.0, 1.0]]], 0.5)
+    averages = [np.array(b, dtype=np.float32).astype(np.float64).mean(0) for b in EPOCHS]
+    for i, entry in enumerate(log):
+        assert entry["epoch"] == i and entry["temperature"] == 0.5 and entry["batches"] == len(EPOCHS[i])
+        np.testing.assert_allclose(list(entry["averages"].values()), averages[i], rtol=1e-6)
+        np.testing.assert_allclose(list(entry["weights"].values()), expected[i + 1], atol=1e-6)
+        if i == 0:
+            assert entry["rates"] is None
+        else:
+            np.testing.assert_allclose(list(entry["rates"].values()), averages[i] / averages[i - 1], rtol=1e-6)
+    assert json.loads(json.dumps(log)) == log
+
+
+def test_a_temperature_change_updates_the_last_log_entry():
+    dwa = DWA(temperature=2.0)
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.8]):
+        dwa(torch.tensor(losses))
+        dwa.step()
+    dwa.temperature = 0.25
+    assert dwa.log[-1]["temperature"] == 0.25
+    assert dwa.log[-1]["weights"] == dwa.weights.tolist()
+    assert dwa.log[-2]["temperature"] == 2.0
+
+
+def test_a_version_1_dwa_checkpoint_loads():
+    v1 = {
+        "_extra_state": {
+            "temperature": 1.5,
+            "history": {
+                "format": "dwa_export.history",
+                "version": 1,
+                "num_tasks": 2,
+                "averages": [[1.0, 2.0], [0.75, 1.5]],
+                "dtype": "float32",
+                "epoch_sum": [0.0, 0.0],
+                "epoch_weight": 0.0,
+                "epoch_tensor_weight": None,
+            },
+        }
+    }
+    dwa = DWA()
+    dwa.load_state_dict(v1)
+    assert dwa.temperature == 1.5 and dwa.log == []
+    np.testing.assert_allclose(dwa.weights.numpy(), epoch_weights([[[1.0, 2.0]], [[0.75, 1.5]], [[1, 1]]], 1.5)[2], atol=1e-6)
+
