@@ -365,6 +365,8 @@ class DWAHistory(HistoryCore):
         if self._sums is None:
             self._check_num_tasks(num_tasks)
             self._num_tasks = num_tasks
+        # Rounded to the accumulator's precision, as one more add would be.
+        sums = tuple(torch.tensor(sums, dtype=torch.float64).to(getattr(torch, dtype)).tolist())
         partial = Partial(None, world_size, dtype, batches, weight, sums)
         self._set_partial(partial if rank == 0 else None)
         self._consolidated = partial

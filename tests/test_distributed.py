@@ -1,4 +1,11 @@
-"""Two gloo processes on 127.0.0.1 record different losses and end with identical, global weights."""
+"""Multi-process training with real process groups (gloo on 127.0.0.1; NCCL where 2 GPUs exist).
+
+Each group of processes runs the scenarios of distributed_worker.py in one go, as
+a DDP script would: uninterrupted training, mid-epoch checkpoints resumed by each
+recipe (per-rank files, rank 0's file, torch.distributed.checkpoint, with and
+without consolidate_state_dict()), a changed number of processes (2 -> 1, 1 -> 2),
+and the mistakes step() must catch on every rank.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +18,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 
-from distributed_worker import rank_batches
+from distributed_worker import BATCHES, EPOCHS, K, STOP, global_batches, train
+from dwa_export import DWA
 from reference import dwa_weights
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+SCENARIOS_2 = [
+    "uninterrupted",
+    "per_rank_files",
+    "rank0_file",
+    "rank0_file_consolidated",
+    "dcp",
+    "dcp_consolidated",
+    "dcp_model_state",
+    "save_for_one_process",
+    "load_from_one_process",
+    "extra_step",
+    "k_mismatch",
+    "uneven_opt_in",
+]
+SCENARIOS_3 = ["uninterrupted", "per_rank_files", "rank0_file_consolidated", "extra_step"]
 
 
 def free_port() -> int:
@@ -25,39 +50,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def global_reference(world_size: int, weight_of_rank, epochs: int = 6) -> list[np.ndarray]:
-    """Weights after each step, from the losses of all ranks pooled (sample-weighted)."""
-    averages, out = [], []
-    for epoch in range(epochs):
-        rows, weights = [], []
-        for rank in range(world_size):
-            for losses in rank_batches(rank, epoch):
-                rows.append(losses)
-                weights.append(weight_of_rank(rank))
-        rows, weights = np.array(rows), np.array(weights)
-        averages.append((rows * weights[:, None]).sum(0) / weights.sum())
-        out.append(np.ones(3) if len(averages) < 2 else dwa_weights(averages[-1], averages[-2], 2.0))
-    return out
-
-
-def local_reference(rank: int, epochs: int = 6) -> list[np.ndarray]:
-    averages, out = [], []
-    for epoch in range(epochs):
-        batches = rank_batches(rank, epoch)
-        if batches:
-            averages.append(np.mean(batches, axis=0))
-        out.append(np.ones(3) if len(averages) < 2 else dwa_weights(averages[-1], averages[-2], 2.0))
-    return out
-
-
-def test_two_gloo_ranks_agree_on_the_global_weights():
-    world_size = 2
+def spawn(world_size: int, scenarios: list[str], workdir: Path, backend: str = "gloo") -> list[dict[str, dict]]:
+    """Run the scenarios on ``world_size`` processes; returns, per rank, {scenario: result}."""
     init_method = f"tcp://127.0.0.1:{free_port()}"
-    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=os.pathsep.join(sys.path))
+    env = dict(os.environ, GLOO_SOCKET_IFNAME="lo", PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
     worker = Path(__file__).with_name("distributed_worker.py")
     procs = [
         subprocess.Popen(
-            [sys.executable, str(worker), str(rank), str(world_size), init_method],
+            [sys.executable, str(worker), str(rank), str(world_size), init_method, backend, str(workdir), *scenarios],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -66,24 +66,208 @@ def test_two_gloo_ranks_agree_on_the_global_weights():
         for rank in range(world_size)
     ]
     try:
-        outputs = [proc.communicate(timeout=180) for proc in procs]
+        outputs = [proc.communicate(timeout=120) for proc in procs]
     finally:  # a hung rank must not outlive the test
         for proc in procs:
             if proc.poll() is None:
                 proc.kill()
     results = []
     for proc, (stdout, stderr) in zip(procs, outputs):
-        assert proc.returncode == 0, stderr
-        results.append(json.loads(stdout.strip().splitlines()[-1]))
+        assert proc.returncode == 0, stderr[-3000:]
+        lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+        by_name = {line.pop("scenario"): line for line in lines}
+        for name, result in by_name.items():
+            assert "crash" not in result, f"{name}: {result['crash']}"
+        assert list(by_name) == scenarios
+        results.append(by_name)
+    return results
 
-    for key in ("dwa", "weighted"):
-        assert results[0][key] == results[1][key], f"ranks disagree on {key}"  # bit-identical
-    plain = global_reference(world_size, lambda rank: 1.0)
-    weighted = global_reference(world_size, lambda rank: rank + 1.0)
-    np.testing.assert_allclose(np.array(results[0]["dwa"]), np.array(plain), atol=2e-6)
-    np.testing.assert_allclose(np.array(results[0]["weighted"]), np.array(weighted), atol=2e-6)
-    assert not np.allclose(plain, weighted, atol=1e-4)  # the weighting really matters here
-    # distributed=False keeps each rank's own history.
-    for rank in range(world_size):
-        np.testing.assert_allclose(np.array(results[rank]["local"]), np.array(local_reference(rank)), atol=2e-6)
-    assert not np.allclose(results[0]["local"], results[1]["local"], atol=1e-4)
+
+def pooled_reference(epochs: int = EPOCHS, temperature: float = 2.0) -> list[np.ndarray]:
+    """Weights after each step from every batch of every rank, pooled (float64)."""
+    averages, out = [], []
+    for epoch in range(epochs):
+        rows = np.array(global_batches(epoch), dtype=np.float32).astype(np.float64)
+        averages.append(rows.mean(0))
+        out.append(np.ones(K) if len(averages) < 2 else dwa_weights(averages[-1], averages[-2], temperature))
+    return out
+
+
+def lost_rank_reference(kept_before_stop: list[int]) -> list[np.ndarray]:
+    """The documented outcome when only some ranks' batches before STOP survive the checkpoint."""
+    averages, out = [], []
+    for epoch in range(EPOCHS):
+        batches = global_batches(epoch)
+        if epoch == STOP[0]:
+            batches = [b for i, b in enumerate(batches) if i >= STOP[1] or i in kept_before_stop]
+        averages.append(np.array(batches, dtype=np.float32).astype(np.float64).mean(0))
+        out.append(np.ones(K) if len(averages) < 2 else dwa_weights(averages[-1], averages[-2], 2.0))
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_process_checkpoint(tmp_path_factory) -> Path:
+    """A single process (no process group) trained up to STOP mid-epoch: the 1 -> 2 case."""
+    workdir = tmp_path_factory.mktemp("distributed")
+    dwa = DWA(num_tasks=K)
+    train(dwa, 0, 1, stop=STOP)
+    torch.save(dwa.state_dict(), workdir / "from_one.pt")
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def two_ranks(one_process_checkpoint) -> list[dict[str, dict]]:
+    return spawn(2, SCENARIOS_2, one_process_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> list[dict[str, dict]]:
+    return spawn(3, SCENARIOS_3, tmp_path_factory.mktemp("three"))
+
+
+def assert_weights(got: list[list[float]], want: list[np.ndarray], atol: float = 1e-6) -> None:
+    assert len(got) == len(want)
+    np.testing.assert_allclose(np.array(got), np.array(want), atol=atol, rtol=0)
+
+
+def assert_logs_match(got: list[dict], want: list[dict]) -> None:
+    """Same entries; numbers within float32 rounding (consolidated sums are rounded once more)."""
+    assert [(e["epoch"], e["batches"], e["weight"], e["temperature"]) for e in got] == [
+        (e["epoch"], e["batches"], e["weight"], e["temperature"]) for e in want
+    ]
+    for key in ("averages", "weights"):
+        np.testing.assert_allclose([e[key] for e in got], [e[key] for e in want], rtol=1e-6, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- uninterrupted
+
+
+@pytest.mark.parametrize("world", ["two_ranks", "three_ranks"])
+def test_every_rank_gets_the_pooled_weights_and_the_same_log_with_one_all_reduce_per_step(world, request):
+    results = request.getfixturevalue(world)
+    first = results[0]["uninterrupted"]
+    assert_weights(first["weights"], pooled_reference())
+    for other in results[1:]:
+        assert other["uninterrupted"]["weights"] == first["weights"]  # bit-identical across ranks
+        assert other["uninterrupted"]["log"] == first["log"]
+    assert [entry["batches"] for entry in first["log"]] == [BATCHES] * EPOCHS
+    assert all(r["uninterrupted"]["all_reduce_per_step"] == 1 for r in results)
+
+
+# --------------------------------------------------------------------------- mid-epoch checkpoint recipes
+
+
+EXACT = ["per_rank_files", "rank0_file_consolidated", "dcp_consolidated", "dcp_model_state"]
+
+
+@pytest.mark.parametrize("recipe", EXACT)
+def test_mid_epoch_resume_is_exact(two_ranks, recipe):
+    uninterrupted = two_ranks[0]["uninterrupted"]
+    for rank_results in two_ranks:
+        resumed = rank_results[recipe]
+        assert resumed["warnings"] == []
+        assert_weights(resumed["weights"], uninterrupted["weights"][STOP[0] :], atol=1e-6)
+        assert_logs_match(resumed["log"], uninterrupted["log"])
+        if recipe == "per_rank_files":  # nothing was rounded: bit-identical
+            assert resumed["log"] == uninterrupted["log"]
+
+
+@pytest.mark.parametrize("recipe", ["per_rank_files", "rank0_file_consolidated"])
+def test_mid_epoch_resume_on_three_ranks_is_exact(three_ranks, recipe):
+    uninterrupted = three_ranks[0]["uninterrupted"]
+    for rank_results in three_ranks:
+        assert_weights(rank_results[recipe]["weights"], uninterrupted["weights"][STOP[0] :])
+
+
+@pytest.mark.parametrize("recipe", ["rank0_file", "dcp"])
+def test_a_checkpoint_holding_one_rank_s_running_epoch_warns_on_every_rank_with_the_documented_outcome(
+    two_ranks, recipe
+):
+    # Rank 0 recorded global batch 0 before STOP, rank 1 batch 1. "rank 0 saves,
+    # every rank loads" keeps rank 0's; DCP keeps one rank's copy (which one is
+    # DCP's choice), and consolidate_state_dict() was not called.
+    weights = [r[recipe]["weights"] for r in two_ranks]
+    assert weights[0] == weights[1]
+    outcomes = {rank: lost_rank_reference([rank]) for rank in (0, 1)}
+    matches = [
+        rank for rank, want in outcomes.items() if np.allclose(weights[0], want[STOP[0] :], atol=1e-6, rtol=0)
+    ]
+    assert len(matches) == 1, matches
+    if recipe == "rank0_file":
+        assert matches == [0]
+    lost = 1 - matches[0]
+    for rank_results in two_ranks:
+        (message,) = rank_results[recipe]["warnings"]
+        assert f"rank(s) [{lost}]" in message and "consolidate_state_dict()" in message
+    assert not np.allclose(outcomes[0], pooled_reference(), atol=1e-4)  # the loss really shows
+
+
+# --------------------------------------------------------------------------- another number of processes
+
+
+def test_two_to_one_process(two_ranks, one_process_checkpoint):
+    workdir = one_process_checkpoint
+    uninterrupted = two_ranks[0]["uninterrupted"]["weights"]
+    local = torch.load(workdir / "to_one_local_rank0.pt", weights_only=True)
+    with pytest.raises(ValueError, match="saved mid-epoch by rank 0 of 2 processes .* consolidate_state_dict"):
+        DWA(num_tasks=K).load_state_dict(local)
+    for rank in (0, 1):  # after consolidate_state_dict(), any rank's file will do
+        dwa = DWA(num_tasks=K)
+        dwa.load_state_dict(torch.load(workdir / f"to_one_consolidated_rank{rank}.pt", weights_only=True))
+        assert_weights(train(dwa, 0, 1, start=STOP), uninterrupted[STOP[0] :])
+    # An epoch-boundary checkpoint needs nothing at all.
+    boundary = dict(local)
+    boundary["_extra_state"] = dict(local["_extra_state"])
+    boundary["_extra_state"]["history"] = dict(local["_extra_state"]["history"], partial=None)
+    DWA(num_tasks=K).load_state_dict(boundary)
+
+
+def test_one_to_two_processes(two_ranks):
+    single = DWA(num_tasks=K)
+    expected = train(single, 0, 1)
+    for rank_results in two_ranks:
+        resumed = rank_results["load_from_one_process"]
+        assert resumed["warnings"] == []
+        assert_weights(resumed["weights"], expected[STOP[0] :])
+
+
+# --------------------------------------------------------------------------- mistakes caught on every rank
+
+
+@pytest.mark.parametrize("world", ["two_ranks", "three_ranks"])
+def test_a_rank_that_steps_once_too_often_raises_on_every_rank(world, request):
+    results = request.getfixturevalue(world)
+    world_size = len(results)
+    for rank_results in results:
+        outcome = rank_results["extra_step"]
+        assert outcome["error"] == "RankMismatchError", outcome
+        assert f"none on rank(s) [{world_size - 1}]" in outcome["message"]
+        assert "called step() once more than the others" in outcome["message"]
+        assert outcome["counts"][-1] == 0 and all(c > 0 for c in outcome["counts"][:-1])
+
+
+def test_ranks_that_disagree_on_k_get_a_clear_error_not_a_hang(two_ranks):
+    for rank_results in two_ranks:
+        outcome = rank_results["k_mismatch"]
+        assert outcome["error"] == "RankMismatchError"
+        assert "rank 0: K=3, rank 1: K=2" in outcome["message"]
+
+
+def test_really_uneven_data_can_opt_in(two_ranks):
+    results = [r["uneven_opt_in"] for r in two_ranks]
+    assert results[0] == results[1]
+    assert results[0]["log"][1]["batches"] == 3  # rank 1's two batches of epoch 1 never happened
+
+
+# --------------------------------------------------------------------------- NCCL
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2 or not dist.is_nccl_available(), reason="needs 2 GPUs and NCCL")
+def test_the_same_scenarios_run_unchanged_on_nccl(tmp_path):
+    results = spawn(2, ["uninterrupted", "per_rank_files", "rank0_file_consolidated", "extra_step"], tmp_path, "nccl")
+    assert_weights(results[0]["uninterrupted"]["weights"], pooled_reference())
+    assert results[0]["uninterrupted"]["weights"] == results[1]["uninterrupted"]["weights"]
+    for rank_results in results:
+        assert_weights(rank_results["per_rank_files"]["weights"], results[0]["uninterrupted"]["weights"][STOP[0] :])
+        assert rank_results["extra_step"]["error"] == "RankMismatchError"
+
