@@ -150,7 +150,7 @@ class DWAWeights(nn.Module):
         # In place: ``rates`` is our own buffer, and large batches are bound by
         # memory traffic.
         exps = rates.sub_(rates.amax(-1, keepdim=True)).div_(temperature).exp_()
-        weights = exps.div_(exps.mean(-1, keepdim=True) + poison)
+        weights = exps.div_(exps.mean(-1, keepdim=True).add_(poison))
         if weights.dtype != out_dtype:
             weights = weights.to(out_dtype)
         return weights
