@@ -79,10 +79,10 @@ struct Options {
 
 class ParseError : public std::invalid_argument {
  public:
-  ParseError(const std::string& prefix, const std::string& reason, std::size_t offset)
-      : std::invalid_argument(prefix + "not valid JSON (" + reason + " at offset " + std::to_string(offset) + ")"),
-        reason(reason),
-        offset(offset) {}
+  ParseError(const std::string& prefix, const std::string& what, std::size_t where)
+      : std::invalid_argument(prefix + "not valid JSON (" + what + " at offset " + std::to_string(where) + ")"),
+        reason(what),
+        offset(where) {}
   std::string reason;  // e.g. "invalid control character in string"
   std::size_t offset;  // in bytes from the start of the text
 };
