@@ -30,11 +30,14 @@ _is_compiling = torch.compiler.is_compiling
 def _mark_static(tensor: Tensor) -> None:
     """Let CUDA graphs (``torch.compile(mode="reduce-overhead")``) update ``tensor`` in place.
 
-    Its storage then must not change between calls, which is how the state is
-    kept anyway. Not traceable, so skipped while compiling.
+    What ``torch._dynamo.mark_static_address(tensor, guard=False)`` does, without
+    importing torch._dynamo (two seconds) into programs that never compile;
+    tests/test_compile.py checks that the two stay the same. The storage must
+    then not change between calls, which is how the state is kept anyway.
+    Skipped while compiling (the attribute cannot be set on a traced tensor).
     """
     if not _is_compiling():
-        torch._dynamo.mark_static_address(tensor, guard=False)
+        tensor._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
 
 
 class DWAHistory(HistoryCore):
@@ -216,14 +219,15 @@ class DWAHistory(HistoryCore):
             _add_(sums, weighted.sum(0) if batched else weighted)
             # where(), not bases[0] * total: 0 * NaN would poison the batch count too.
             _add_(stats, bases[1] + torch.where(bases[0] > 0, checked.sum(dtype=stats.dtype), 0.0))
-        elif _is_compiling():
-            # alpha= would make the compiler specialise on the number (one graph per batch size).
-            increment = bases[0] * weight
-            _add_(sums, rows * weight)
-            _add_(stats, bases[1] + torch.where(increment >= 0, increment, torch.nan))
         else:
-            _add_(sums, rows, alpha=weight)
-            _add_(stats, bases[1] + bases[0] * weight)
+            # The product in the accumulator dtype, not alpha=weight: it is then
+            # rounded as in the NumPy and C++ histories (alpha= may fuse it), and
+            # the compiler does not specialise on the number (one graph per batch size).
+            _add_(sums, rows.to(sums.dtype) * weight)
+            increment = bases[0] * weight
+            if _is_compiling():  # symbolic there, so unchecked: an invalid one poisons the weight
+                increment = torch.where(increment >= 0, increment, torch.nan)
+            _add_(stats, bases[1] + increment)
 
     def _replace(self, capacity: int, dtype: torch.dtype, device: torch.device, keep: bool = True) -> None:
         """New state tensors (copying the running epoch when ``keep``), then rebind ``_sums``."""

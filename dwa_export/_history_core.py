@@ -173,12 +173,12 @@ def check_tasks(tasks: Sequence[str] | None, num_tasks: int | None) -> tuple[str
     names = tuple(tasks)
     for name in names:
         if not isinstance(name, str) or not name or not _encodable(name):
-            raise ValueError(f"each task name must be a non-empty string, got {name!r} in {list(names)}")
+            raise ValueError(f"each task name must be a non-empty string, got {_short(name)} in {_short(list(names))}")
     if len(set(names)) != len(names):
-        raise ValueError(f"task names must be distinct, got {list(names)}")
+        raise ValueError(f"task names must be distinct, got {_short(list(names))}")
     check_num_tasks(len(names))
     if num_tasks is not None and num_tasks != len(names):
-        raise ValueError(f"num_tasks={num_tasks} but {len(names)} task names were given: {list(names)}")
+        raise ValueError(f"num_tasks={num_tasks} but {len(names)} task names were given: {_short(list(names))}")
     return names
 
 
@@ -641,13 +641,12 @@ def _to_float(value: object, what: str) -> float:
     try:
         return float(value)  # type: ignore[arg-type]
     except OverflowError:  # an int beyond the float range, e.g. 10**400
-        raise _bad_state(f"{what} holds {value!r}, which is beyond the float range") from None
+        raise _bad_state(f"{what} holds {_short(value)}, which is beyond the float range") from None
 
 
 def _float_list(value: object, length: int, what: str, finite: bool = True) -> tuple[float, ...]:
     if not isinstance(value, (list, tuple)) or len(value) != length or not all(map(_is_number, value)):
-        shown = value if not isinstance(value, (list, tuple)) or len(value) <= 8 else f"a list of {len(value)} items"
-        raise _bad_state(f"{what} must be a list of {length} numbers, got {shown!r}")
+        raise _bad_state(f"{what} must be a list of {length} numbers, got {_short(value)}")
     floats = tuple(_to_float(v, what) for v in value)
     if finite and not all(map(math.isfinite, floats)):
         raise _bad_state(f"{what} must hold finite numbers, got {_format(floats)}")
@@ -656,7 +655,7 @@ def _float_list(value: object, length: int, what: str, finite: bool = True) -> t
 
 def _count(value: object, what: str, low: int = 0, high: int = MAX_COUNT) -> int:
     if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]
-        raise _bad_state(f"{what} must be an int from {low} to {high}, got {value!r}")
+        raise _bad_state(f"{what} must be an int from {low} to {high}, got {_short(value)}")
     return int(value)  # type: ignore[arg-type]
 
 
@@ -684,23 +683,23 @@ def _parse_partial(value: object, num_tasks: int | None) -> Partial | None:
         return None
     if not isinstance(value, (list, tuple)) or len(value) != 6:
         raise _bad_state(
-            f"'partial' must be None or [rank, world_size, dtype, batches, weight, sums], got {value!r}"
+            f"'partial' must be None or [rank, world_size, dtype, batches, weight, sums], got {_short(value)}"
         )
     rank, world_size, dtype, batches, weight, sums = value
     world_size = _count(world_size, "the world_size in 'partial'", 1, MAX_WORLD_SIZE)
     if rank is not None:
         if world_size == 1:
-            raise _bad_state(f"the rank in 'partial' must be None for a single process (world_size 1), got {rank!r}")
+            raise _bad_state(f"the rank in 'partial' must be None for a single process (world_size 1), got {_short(rank)}")
         rank = _count(rank, "the rank in 'partial'", 0, world_size - 1)
     if dtype not in ACCUMULATOR_DTYPES:
-        raise _bad_state(f"the dtype in 'partial' must be one of {list(ACCUMULATOR_DTYPES)}, got {dtype!r}")
+        raise _bad_state(f"the dtype in 'partial' must be one of {list(ACCUMULATOR_DTYPES)}, got {_short(dtype)}")
     batches = _count(batches, "the batch count in 'partial'", 1)
     if not _is_number(weight):
-        raise _bad_state(f"the weight in 'partial' must be a number, got {weight!r}")
-    weight = _to_float(weight, "the weight in 'partial'")
+        raise _bad_state(f"the weight in 'partial' must be a number, got {_short(weight)}")
+    weight = _to_float(weight, "the weight in 'partial'") + 0.0  # canonical: -0.0 is 0.0
     if weight < 0.0 or weight == -math.inf:
         raise _bad_state(
-            f"the weight in 'partial' must be >= 0 (or NaN/inf after an invalid per-row weight), got {weight!r}"
+            f"the weight in 'partial' must be >= 0 (or NaN/inf after an invalid per-row weight), got {_short(weight)}"
         )
     if num_tasks is None:
         raise _bad_state("'partial' is set but 'num_tasks' is None")
@@ -723,7 +722,7 @@ def _parse_log(value: object, num_tasks: int | None) -> list[tuple[int, float, t
     for i, (count, weight, average) in enumerate(zip(batches, weights, averages)):
         count = _count(count, f"log batches[{i}]", 1)
         if not _is_number(weight) or not (math.isfinite(_to_float(weight, "log weight")) and weight > 0):
-            raise _bad_state(f"log weight[{i}] must be a finite number > 0, got {weight!r}")
+            raise _bad_state(f"log weight[{i}] must be a finite number > 0, got {_short(weight)}")
         entries.append((count, float(weight), _float_list(average, num_tasks, f"log averages[{i}]")))  # type: ignore[arg-type]
     _check_averages([entry[2] for entry in entries], "log averages")
     return entries
@@ -731,13 +730,18 @@ def _parse_log(value: object, num_tasks: int | None) -> list[tuple[int, float, t
 
 def _parse_num_tasks(value: object) -> int | None:
     if value is not None and not (_is_int(value) and 1 <= value <= MAX_TASKS):  # type: ignore[operator]
-        raise _bad_state(f"'num_tasks' must be None or an int from 1 to {MAX_TASKS}, got {value!r}")
+        raise _bad_state(f"'num_tasks' must be None or an int from 1 to {MAX_TASKS}, got {_short(value)}")
     return value  # type: ignore[return-value]
 
 
 def _short(value: object) -> str:
+    """repr(value) for an error message, or a summary of a long one (the C++ header says the same)."""
     text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
+    if len(text) <= 120:
+        return text
+    if isinstance(value, (list, tuple, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    return text[:120] + "..."
 
 
 def parse_state(
@@ -747,10 +751,10 @@ def parse_state(
     if not isinstance(state, Mapping):
         raise _bad_state(f"expected a dict from state_dict(), got {type(state).__name__}")
     if state.get("format") != STATE_FORMAT or not isinstance(state.get("format"), str):
-        raise _bad_state(f"'format' is {state.get('format')!r}, expected {STATE_FORMAT!r}")
+        raise _bad_state(f"'format' is {_short(state.get('format'))}, expected {_short(STATE_FORMAT)}")
     version = state.get("version")
     if not _is_int(version) or version not in (1, STATE_VERSION):
-        raise _bad_state(f"'version' is {version!r}; this dwa_export reads versions 1 and {STATE_VERSION}")
+        raise _bad_state(f"'version' is {_short(version)}; this dwa_export reads versions 1 and {STATE_VERSION}")
     legacy = None
     if version == 1:
         state, legacy = _migrate_v1(state)
@@ -815,11 +819,13 @@ def _migrate_v1(state: Mapping[str, Any]) -> tuple[dict[str, Any], Partial | Non
     if missing or unknown:
         raise _bad_state(f"missing keys {sorted(missing)}, unexpected keys {sorted(map(str, unknown))} (version 1)")
     num_tasks = _parse_num_tasks(state["num_tasks"])
+    if state["dtype"] is not None and state["dtype"] not in ACCUMULATOR_DTYPES:
+        raise _bad_state(f"'dtype' must be None or one of {list(ACCUMULATOR_DTYPES)}, got {_short(state['dtype'])}")
     weight, tensor_weight = state["epoch_weight"], state["epoch_tensor_weight"]
     if not _is_number(weight) or not _to_float(weight, "'epoch_weight'") >= 0.0:
-        raise _bad_state(f"'epoch_weight' must be a number >= 0, got {weight!r}")
+        raise _bad_state(f"'epoch_weight' must be a number >= 0, got {_short(weight)}")
     if tensor_weight is not None and not _is_number(tensor_weight):
-        raise _bad_state(f"'epoch_tensor_weight' must be a number or None, got {tensor_weight!r}")
+        raise _bad_state(f"'epoch_tensor_weight' must be a number or None, got {_short(tensor_weight)}")
     total = float(weight) + (0.0 if tensor_weight is None else _to_float(tensor_weight, "'epoch_tensor_weight'"))
     partial = None
     if state["epoch_sum"] is not None and (total != 0.0 or tensor_weight is not None):

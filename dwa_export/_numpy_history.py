@@ -67,11 +67,13 @@ class NumpyDWAHistory(HistoryCore):
             sums += rows.sum(axis=0, dtype=sums.dtype)
             self._weight += float(len(rows))
         elif row_weights.ndim == 0:  # one number for a [K] batch
-            sums += rows[0].astype(sums.dtype) * sums.dtype.type(row_weights)
+            with np.errstate(over="ignore"):  # a float cast, as in torch: beyond float32, inf
+                sums += rows[0].astype(sums.dtype) * sums.dtype.type(row_weights)
             self._weight += float(row_weights)
         else:
-            per_row = row_weights.reshape(-1).astype(sums.dtype)
-            sums += (rows.astype(sums.dtype) * per_row[:, None]).sum(axis=0, dtype=sums.dtype)
+            with np.errstate(over="ignore"):
+                per_row = row_weights.reshape(-1).astype(sums.dtype)
+                sums += (rows.astype(sums.dtype) * per_row[:, None]).sum(axis=0, dtype=sums.dtype)
             self._weight += float(per_row.sum(dtype=np.float64))
         self._batches += 1
 
@@ -109,7 +111,8 @@ class NumpyDWAHistory(HistoryCore):
         """``(loss_t1, loss_t2)`` for the kernel; all ones (uniform weights) during warm-up."""
         loss_t1, loss_t2 = self._host_inputs()
         dtype = np.float32 if self._sums is None else self._sums.dtype
-        return np.asarray(loss_t1, dtype=dtype), np.asarray(loss_t2, dtype=dtype)
+        with np.errstate(over="ignore"):  # a float cast, as in torch: beyond float32, inf
+            return np.asarray(loss_t1, dtype=dtype), np.asarray(loss_t2, dtype=dtype)
 
     def reset(self) -> None:
         super().reset()

@@ -192,6 +192,14 @@ def test_state_keeps_its_storage_across_batches_and_steps():
     assert history.ready and not torch.equal(dwa.weights, torch.ones(K))
 
 
+def test_the_state_is_marked_static_for_cuda_graphs_as_torch_marks_it():
+    probe = torch.empty(0)
+    torch._dynamo.mark_static_address(probe, guard=False)
+    dwa = DWA(num_tasks=K)
+    for tensor in (dwa.history._sums, dwa.history._stats, dwa._weights):
+        assert tensor._dynamo_static_input_type == probe._dynamo_static_input_type
+
+
 def test_dwa_without_num_tasks_binds_its_state_into_existing_storage():
     dwa = DWA()
     buffers = (dwa.history._buffer.data_ptr(), dwa._weights_buffer.data_ptr())

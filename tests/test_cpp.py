@@ -35,6 +35,7 @@ import torch
 import conformance
 import dwa_export
 from dwa_export import DWAHistory, DWAWeights, LossHistoryError
+from dwa_export.runtime import NumpyDWAHistory
 from reference import dwa_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,26 +82,52 @@ def test_include_dir_holds_the_header():
 # --------------------------------------------------------------------------- the header vs Python
 
 
-def run_driver(binaries: Path, script: list[str]) -> list[dict]:
+def run_driver(binaries: Path, script: list[str], *args: str) -> list[tuple[dict, str]]:
+    """(result, raw line) per command, through dwa::History (or History64 with "float64")."""
     result = subprocess.run(
-        [str(binaries / "history_driver")], input="\n".join(script) + "\n", capture_output=True, text=True, check=True
+        [str(binaries / "history_driver"), *args], input="\n".join(script) + "\n", capture_output=True, text=True
     )
-    return [json.loads(line) for line in result.stdout.splitlines()]
+    assert result.returncode == 0, result.stderr
+    return [(json.loads(line), line) for line in result.stdout.splitlines()]
 
 
-def run_python(script: list[str]) -> list[dict]:
-    """The driver's commands, through dwa_export.DWAHistory."""
-    history = DWAHistory()
+def parse_command(line: str) -> tuple[str, list[float], list[float], int, float | None]:
+    """(command, values, row weights, rows, weight) of a driver command."""
+    command, *words = line.split(" ")
+    if command not in ("record", "rows", "roww"):
+        return command, [], [], 1, None
+    weight = next((float(w[7:]) for w in words if w.startswith("weight=")), None)
+    words = [w for w in words if not w.startswith("weight=")]
+    rows, row_weights = 1, []
+    if command in ("rows", "roww"):
+        rows, words = int(words[0]), words[1:]
+    if command == "roww":
+        row_weights, words = [float(w) for w in words[:rows]], words[rows:]
+    return command, [float(w) for w in words], row_weights, rows, weight
+
+
+def run_python(script: list[str], kind: str = "torch", float64: bool = False, tasks=None) -> list[dict]:
+    """The driver's commands through DWAHistory (kind "torch") or NumpyDWAHistory ("numpy")."""
+    history = DWAHistory(tasks=tasks) if kind == "torch" else NumpyDWAHistory(tasks=tasks)
+    np_dtype = np.float64 if float64 else np.float32
+
+    def losses(values, rows, batched):
+        array = np.array(values, dtype=np_dtype)
+        if batched:
+            array = array.reshape(rows, -1)
+        return torch.from_numpy(array) if kind == "torch" else array
+
     out = []
     for line in script:
-        command, _, rest = line.partition(" ")
+        command, values, row_weights, rows, weight = parse_command(line)
+        batched = command in ("rows", "roww")
         try:
             result = None
-            if command == "record":
-                words = rest.split()
-                weight = next((float(w[7:]) for w in words if w.startswith("weight=")), None)
-                losses = [float(w) for w in words if not w.startswith("weight=")]
-                history.record(torch.tensor(losses, dtype=torch.float32), weight)
+            if command in ("record", "rows"):
+                history.record(losses(values, rows, batched), weight)
+            elif command == "roww":
+                w = np.array(row_weights)
+                history.record(losses(values, rows, True), torch.from_numpy(w) if kind == "torch" else w)
             elif command == "step":
                 history.step()
             elif command == "discard":
@@ -108,13 +135,15 @@ def run_python(script: list[str]) -> list[dict]:
             elif command == "reset":
                 history.reset()
             elif command == "inputs":
-                result = [t.tolist() for t in history.inputs()]
+                result = [np.asarray(t).tolist() for t in history.inputs()]
             elif command == "ready":
                 result = history.ready
             elif command == "state":
                 result = history.state_dict()
+            elif command == "log":
+                result = history.log
             elif command == "load":
-                history.load_state_dict(json.loads(rest))
+                history.load_state_dict(json.loads(line.split(" ", 1)[1]))
             out.append({"ok": result})
         except LossHistoryError as error:
             out.append({"error": "LossHistoryError", "task": error.task, "message": str(error)})
@@ -128,17 +157,29 @@ def run_python(script: list[str]) -> list[dict]:
 def state(**changes) -> str:
     base = {
         "format": "dwa_export.history",
+        "version": 2,
+        "num_tasks": 2,
+        "tasks": None,
+        "averages": [[1.0, 2.0], [0.5, 1.5]],
+        "partial": [None, 1, "float32", 2, 2.0, [0.75, 3.0]],
+        "log": {"batches": [1, 2], "weight": [1.0, 2.0], "averages": [[1.0, 2.0], [0.5, 1.5]]},
+    }
+    base.update(changes)
+    return json.dumps(base)
+
+
+V1_STATE = json.dumps(
+    {
+        "format": "dwa_export.history",
         "version": 1,
         "num_tasks": 2,
         "averages": [[1.0, 2.0], [0.5, 1.5]],
         "dtype": "float32",
         "epoch_sum": [0.75, 3.0],
-        "epoch_weight": 2.0,
-        "epoch_tensor_weight": None,
+        "epoch_weight": 1.0,
+        "epoch_tensor_weight": 1.0,
     }
-    base.update(changes)
-    return json.dumps(base)
-
+)
 
 SCRIPT = [
     "inputs",  # K unknown yet
@@ -149,10 +190,12 @@ SCRIPT = [
     "step",
     "ready",
     "record 0.25 1 weight=2",
-    "record 0.3 1.1",
+    "rows 2 0.3 1.1 0.5 0.9",  # two per-sample rows, counting once each
+    "roww 2 1 3 0.2 1 0.4 1.2",  # one weight per row
     "step",
     "ready",
     "inputs",
+    "log",
     "record 0 1",  # zero average
     "step",
     "state",
@@ -165,23 +208,41 @@ SCRIPT = [
     "discard",
     "record 1 2 3",  # K change
     "record 1 2 weight=-1",
+    "record 1 2 weight=nan",
+    "rows 2 1 2 3 4 weight=2",  # one number for several rows: ambiguous
     "record 1 2 weight=0",
     "step",  # zero weight: a no-op
     "record 0.125 0.75",
     "step",
     "inputs",
     "state",
+    "log",
     "load " + state(),
     "state",
     "inputs",
     "record 0.25 1",
     "step",
     "inputs",
-    "load " + state(version=2),
+    "log",
+    "load " + V1_STATE,
+    "state",
+    "load " + state(version=3),
+    "load " + state(version=True),
     "load " + state(num_tasks=0),
+    "load " + state(num_tasks=2**64),
+    "load " + state(num_tasks=1e30),
     "load " + state(averages=[[1.0, 2.0], [-1.0, 2.0]]),
     "load " + state(averages=[[1.0, 2.0, 3.0]]),
-    "load " + state(epoch_weight=-1),
+    "load " + state(partial=[None, 1, "float32", 2, -0.5, [0.75, 3.0]]),
+    "load " + state(partial=[None, 1, "float", 2, 2.0, [0.75, 3.0]]),
+    "load " + state(partial=[None, 1, "float32", 2, 2.0, [0.1, 3.0]]),
+    "load " + state(partial=[0, 2, "float32", 2, 2.0, [0.75, 3.0]]),
+    "load " + state(partial=[3, 1, "float32", 2, 2.0, [0.75, 3.0]]),
+    "load " + state(tasks=["a", "a"]),
+    "load " + state(log={"batches": [1], "weight": [1.0, 2.0], "averages": [[1.0, 2.0]]}),
+    "load " + state(extra=1),
+    "load [1, 2]",
+    "load {\"format\": \"dwa_export.history\", \"version\": 2, \"version\": 1}",
     "state",  # unchanged by the failed loads
     "reset",
     "record 4 5 6",
@@ -189,24 +250,52 @@ SCRIPT = [
 ]
 
 
-def test_the_header_follows_the_python_rules_and_messages(binaries):
-    cpp, python = run_driver(binaries, SCRIPT), run_python(SCRIPT)
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_the_header_follows_the_python_rules_and_messages(binaries, kind):
+    cpp, python = run_driver(binaries, SCRIPT), run_python(SCRIPT, kind)
     assert len(cpp) == len(python) == len(SCRIPT)
     same_message = 0
-    for line, got, want in zip(SCRIPT, cpp, python):
+    for line, (got, raw), want in zip(SCRIPT, cpp, python):
         if "ok" in want:
             assert got == want, line
+            if line == "state":  # the canonical text: exactly what json.dumps writes
+                assert raw == json.dumps(want), line
             continue
         assert got["error"] == want["error"], (line, got, want)
         assert got["message"] == want["message"], line
         assert got.get("task") == want.get("task"), line
         same_message += 1
-    assert same_message >= 10
+    assert same_message >= 25
+
+
+def test_named_float64_histories_agree_too(binaries):
+    script = [
+        "record 0.1 0.2 0.3",
+        "rows 2 0.1 0.2 0.3 0.4 0.5 0.6",
+        "step",
+        "record 0.05 0.2 0.35",
+        "state",
+        "step",
+        "record 0.07 0.1 0.2",
+        "step",
+        "inputs",
+        "log",
+        "state",
+        "load " + json.dumps(dict(json.loads(state(num_tasks=3, averages=[], log={"batches": [], "weight": [], "averages": []}, partial=None)), tasks=["x", "y", "z"])),
+    ]
+    cpp = run_driver(binaries, script, "float64", "tasks=a,b,c")
+    for kind in ("torch", "numpy"):
+        python = run_python(script, kind, float64=True, tasks=("a", "b", "c"))
+        for line, (got, raw), want in zip(script, cpp, python):
+            assert got == want, (kind, line)
+            if line == "state":
+                assert raw == json.dumps(want)
+    assert "differ from this history's ['a', 'b', 'c']" in cpp[-1][0]["message"]
 
 
 def test_the_header_refuses_a_checkpoint_it_cannot_resume_exactly(binaries):
-    # dwa::History sums in float; a float64 checkpoint needs dwa::BasicHistory<double>.
-    (got,) = run_driver(binaries, ["load " + state(dtype="float64")])
+    # dwa::History sums in float; a float64 running epoch needs dwa::BasicHistory<double>.
+    ((got, _),) = run_driver(binaries, ["load " + state(partial=[None, 1, "float64", 2, 2.0, [0.1, 3.0]])])
     assert got["error"] == "ValueError" and "BasicHistory<double>" in got["message"]
 
 

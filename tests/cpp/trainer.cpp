@@ -29,7 +29,7 @@ std::string json_list(const torch::Tensor& values) {
   const torch::Tensor flat = values.detach().to(torch::kFloat64).contiguous();
   std::vector<double> numbers(flat.data_ptr<double>(), flat.data_ptr<double>() + flat.numel());
   std::string out = "[";
-  for (std::size_t i = 0; i < numbers.size(); ++i) out += (i ? ", " : "") + dwa::detail::json_number(numbers[i]);
+  for (std::size_t i = 0; i < numbers.size(); ++i) out += (i ? ", " : "") + dwa::json::dump_float(numbers[i]);
   return out + "]";
 }
 

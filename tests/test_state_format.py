@@ -1,0 +1,254 @@
+"""One checkpoint format, three loaders: DWAHistory, NumpyDWAHistory and dwa::History (C++) agree.
+
+Every text in tests/state_corpus/ and every state a property-based generator
+makes (valid states, then mutated ones) is loaded by all three. They must accept
+and reject the same texts, never crash, write back the same canonical text (what
+json.dumps writes) and give the same inputs() bits; for states rejected by the
+format (not by the JSON syntax) the C++ message is Python's.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dwa_export import DWAHistory
+from dwa_export.runtime import NumpyDWAHistory
+from test_cpp import binaries  # noqa: F401  (the shared, cached C++ build)
+
+CORPUS = Path(__file__).parent / "state_corpus"
+CASES = sorted(CORPUS.glob("*/*.json"))
+
+
+def load_python(cls, text: bytes) -> dict:
+    """What ``cls`` makes of a checkpoint file: the canonical text and inputs, or the error."""
+    try:
+        state = json.loads(text.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        return {"error": f"not JSON: {error}", "json": False}
+    history = cls()
+    try:
+        history.load_state_dict(state)
+    except ValueError as error:  # any other exception is a crash and fails the test
+        return {"error": str(error), "json": True}
+    inputs = None
+    if history.num_tasks is not None:
+        inputs = [np.asarray(t, dtype=np.float64).tolist() for t in history.inputs()]
+    return {"ok": json.dumps(history.state_dict()), "inputs": inputs}
+
+
+def load_cpp(binaries: Path, texts: list[bytes]) -> list[dict]:
+    """The same through dwa::History (or dwa::History64 for a float64 running epoch), in one process."""
+    framed = b"".join(f"{len(text)}\n".encode() + text for text in texts)
+    result = subprocess.run([str(binaries / "history_driver"), "loader"], input=framed, capture_output=True, timeout=300)
+    assert result.returncode == 0, result.stderr.decode()[-2000:]  # a crash (e.g. SIGSEGV) fails here
+    lines = result.stdout.decode().splitlines()
+    assert len(lines) == len(texts)
+    out = []
+    for line in lines:
+        got = json.loads(line)
+        out.append({"ok": json.dumps(got["ok"]), "inputs": got["inputs"]} if "ok" in got else got)
+    return out
+
+
+def assert_agree(texts: list[bytes], binaries: Path, same_messages: bool = False) -> list[bool]:
+    """All three loaders agree on every text; returns which texts were accepted.
+
+    ``same_messages``: also the error messages of states the format rejects
+    (the C++ repr of exotic Unicode in a message may differ from Python's).
+    """
+    cpp = load_cpp(binaries, texts)
+    accepted = []
+    for text, from_cpp in zip(texts, cpp):
+        torch_result = load_python(DWAHistory, text)
+        numpy_result = load_python(NumpyDWAHistory, text)
+        shown = text[:300]
+        assert ("ok" in torch_result) == ("ok" in numpy_result) == ("ok" in from_cpp), (shown, torch_result, from_cpp)
+        if "ok" in torch_result:
+            # The float64 bits round-trip through JSON exactly.
+            assert torch_result == numpy_result == from_cpp, (shown, torch_result, numpy_result, from_cpp)
+        elif torch_result["json"]:
+            assert torch_result["error"] == numpy_result["error"], shown
+            if same_messages:
+                assert torch_result["error"] == from_cpp["error"], shown
+        accepted.append("ok" in torch_result)
+    return accepted
+
+
+def test_the_corpus_covers_both_kinds():
+    assert len(list(CORPUS.glob("valid/*.json"))) >= 20 and len(list(CORPUS.glob("invalid/*.json"))) >= 80
+
+
+def test_every_corpus_state_gets_the_same_verdict_text_and_bits_in_all_three(binaries):  # noqa: F811
+    texts = [path.read_bytes() for path in CASES]
+    accepted = assert_agree(texts, binaries, same_messages=True)
+    for path, ok in zip(CASES, accepted):
+        assert ok == (path.parent.name == "valid"), path.name
+
+
+def test_a_state_nested_100000_deep_is_a_clean_error(binaries):  # noqa: F811
+    deep = b"[" * 100_000 + b"]" * 100_000
+    (got,) = load_cpp(binaries, [deep])
+    assert "nesting" in got["error"] or "deep" in got["error"], got
+    assert "error" in load_python(DWAHistory, deep)
+
+
+# --------------------------------------------------------------------------- property-based: generated states
+
+finite = st.floats(allow_nan=False, allow_infinity=False, min_value=-1e6, max_value=1e6).filter(lambda v: v != 0)
+anything = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=4),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=4), children, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def states(draw) -> dict:
+    """A valid version-2 state (K from 1 to 4), with or without a running epoch, names and log."""
+    k = draw(st.integers(1, 4))
+    sign = draw(st.sampled_from([1.0, -1.0]))
+    positive = st.floats(min_value=1e-6, max_value=1e6)
+    average = st.lists(positive.map(lambda v: sign * v), min_size=k, max_size=k)
+    log_averages = draw(st.lists(average, max_size=3))
+    dtype = draw(st.sampled_from(["float32", "float64"]))
+    sums = st.lists(st.floats(width=32 if dtype == "float32" else 64), min_size=k, max_size=k)
+    partial = draw(
+        st.none()
+        | st.tuples(
+            st.just(None),  # the whole group's: what one process can take
+            st.integers(1, 4),
+            st.just(dtype),
+            st.integers(1, 2**53),
+            st.floats(min_value=0) | st.just(math.nan),
+            sums,
+        ).map(list)
+    )
+    return {
+        "format": "dwa_export.history",
+        "version": 2,
+        "num_tasks": k,
+        "tasks": draw(st.none() | st.just([f"t{i}" for i in range(k)])),
+        "averages": log_averages[-2:],
+        "partial": partial,
+        "log": {
+            "batches": draw(st.lists(st.integers(1, 10**6), min_size=len(log_averages), max_size=len(log_averages))),
+            "weight": draw(
+                st.lists(st.floats(min_value=1e-3, max_value=1e9), min_size=len(log_averages), max_size=len(log_averages))
+            ),
+            "averages": log_averages,
+        },
+    }
+
+
+@st.composite
+def mutated(draw) -> bytes:
+    """A generated state with one or two leaves or keys changed, then maybe some bytes changed."""
+    state = copy.deepcopy(draw(states()))
+    for _ in range(draw(st.integers(0, 2))):
+        paths = list(_paths(state))
+        path = draw(st.sampled_from(paths))
+        parent = state
+        for key in path[:-1]:
+            parent = parent[key]
+        action = draw(st.sampled_from(["replace", "delete", "extreme"]))
+        if action == "delete" and isinstance(parent, dict):
+            del parent[path[-1]]
+        elif action == "extreme":
+            parent[path[-1]] = draw(
+                st.sampled_from([0, -0.0, -1, 2**53 + 1, 2**64, 10**30, 1e308, 5e-324, math.inf, -math.inf, math.nan, True, "", None])
+            )
+        else:
+            parent[path[-1]] = draw(anything)
+    text = json.dumps(state).encode()
+    if draw(st.integers(0, 4)) == 0 and text:
+        position = draw(st.integers(0, len(text) - 1))
+        edit = draw(st.sampled_from(["flip", "insert", "delete", "truncate"]))
+        byte = bytes([draw(st.integers(0, 255))])
+        if edit == "flip":
+            text = text[:position] + byte + text[position + 1 :]
+        elif edit == "insert":
+            text = text[:position] + byte + text[position:]
+        elif edit == "delete":
+            text = text[:position] + text[position + 1 :]
+        else:
+            text = text[:position]
+    return text
+
+
+def _paths(value, prefix=()):
+    """Every (key or index) path into a JSON value."""
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list):
+        items = enumerate(value)
+    else:
+        return
+    for key, child in items:
+        yield prefix + (key,)
+        yield from _paths(child, prefix + (key,))
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(states().map(lambda s: json.dumps(s).encode()), min_size=40, max_size=40))
+def test_generated_valid_states_load_identically_everywhere(binaries, texts):  # noqa: F811
+    assert all(assert_agree(texts, binaries))
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(st.lists(mutated(), min_size=60, max_size=60))
+def test_generated_mutated_states_get_the_same_verdict_everywhere(binaries, texts):  # noqa: F811
+    assert_agree(texts, binaries)
+
+
+# --------------------------------------------------------------------------- what a history writes reloads
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["record", "rows", "weighted", "step", "discard"]),
+            st.lists(st.floats(0.25, 100.0, width=32), min_size=6, max_size=6),
+            st.sampled_from([torch.float32, torch.float64]),
+        ),
+        max_size=25,
+    )
+)
+def test_a_state_any_history_writes_reloads_in_all_three(binaries, steps):  # noqa: F811
+    torch_history, numpy_history = DWAHistory(num_tasks=3), NumpyDWAHistory(num_tasks=3)
+    texts = []
+    for command, values, dtype in steps:
+        losses = torch.tensor(values, dtype=dtype)
+        try:
+            if command == "record":
+                torch_history.record(losses[:3])
+                numpy_history.record(losses[:3].numpy())
+            elif command == "rows":
+                torch_history.record(losses.view(2, 3))
+                numpy_history.record(losses.view(2, 3).numpy())
+            elif command == "weighted":
+                torch_history.record(losses[:3], weight=values[3])
+                numpy_history.record(losses[:3].numpy(), weight=values[3])
+            elif command == "step":
+                torch_history.step()
+                numpy_history.step()
+            else:
+                torch_history.discard_epoch()
+                numpy_history.discard_epoch()
+        except ValueError:  # e.g. a sign change or zero average: both refuse alike
+            torch_history.discard_epoch()
+            numpy_history.discard_epoch()
+        assert torch_history.state_dict() == numpy_history.state_dict()
+        texts.append(json.dumps(torch_history.state_dict()).encode())
+    if texts:
+        assert all(assert_agree(texts, binaries))
