@@ -346,7 +346,9 @@ def _parse_weight_log(value: Any, history: Any) -> list[tuple[float, tuple[float
     """The DWA columns of the log: (temperature, weights) per history log entry."""
     if value is None:  # saved by dwa_export 0.1, which had no log
         return []
-    entries = history.get("log", {}).get("batches", []) if isinstance(history, dict) else []
+    log = history.get("log") if isinstance(history, dict) else None
+    entries = log.get("batches", []) if isinstance(log, dict) else []
+    num_tasks = history.get("num_tasks") if isinstance(history, dict) else None
     if (
         not isinstance(value, dict)
         or set(value) != {"temperature", "weights"}
@@ -364,10 +366,12 @@ def _parse_weight_log(value: Any, history: Any) -> list[tuple[float, tuple[float
             out.append((None, None))
             continue
         check_temperature(temperature)
-        if not isinstance(weights, list) or not all(
+        if not isinstance(weights, list) or len(weights) != num_tasks or not all(
             isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
         ):
-            raise ValueError(f"malformed DWA state: log weights[{i}] must be a list of positive numbers, got {_short(weights)}")
+            raise ValueError(
+                f"malformed DWA state: log weights[{i}] must be a list of {num_tasks} positive numbers, got {_short(weights)}"
+            )
         out.append((float(temperature), tuple(float(w) for w in weights)))
     return out  # type: ignore[return-value]
 

@@ -90,10 +90,8 @@ class NumpyDWAHistory(HistoryCore):
             values = weight.astype(np.float64)
             bad = ~(np.isfinite(values) & (values >= 0))
             if bad.any():
-                raise ValueError(
-                    f"every weight must be finite and >= 0, got {values[bad][0]!r} at row "
-                    f"{np.unravel_index(int(np.argmax(bad)), bad.shape)}"
-                )
+                row = int(np.argmax(bad.reshape(-1)))  # counted over the flattened rows, as in C++
+                raise ValueError(f"every weight must be finite and >= 0, got {float(values.reshape(-1)[row])!r} at row {row}")
             return values
         if isinstance(weight, np.ndarray):  # 0-d: a number
             weight = weight.item() if weight.dtype.kind in "fiu" else weight

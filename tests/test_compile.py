@@ -303,7 +303,10 @@ def test_float64_losses_are_summed_in_float64():
         history.record(third)
     history.step()
     assert history.averages[-1] == (1 / 3, 2 / 3)  # float32 sums would be off by ~1e-8
-    assert history.inputs()[0].dtype == torch.float64
+    history.record(third / 2)
+    history.step()
+    loss_t1, loss_t2 = history.inputs()
+    assert loss_t1.dtype == torch.float64 and loss_t1.tolist() == [1 / 6, 1 / 3] and loss_t2.tolist() == [1 / 3, 2 / 3]
 
 
 # --------------------------------------------------------------------------- bad input in a compiled region

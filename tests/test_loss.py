@@ -130,9 +130,37 @@ def test_state_dict_round_trip_inside_a_model_mid_epoch():
     assert torch.equal(second["dwa"].weights, reference["dwa"].weights)
 
 
-def test_malformed_extra_state_raises():
-    with pytest.raises(ValueError, match="malformed DWA state"):
-        DWA().load_state_dict({"_extra_state": {"temperature": 2.0}})
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda s: s.pop("history"), "malformed DWA state"),
+        (lambda s: s.update(temperature=-1.0), "temperature must be finite and > 0"),
+        (lambda s: s["history"].update(version=7), "'version' is 7"),
+        (lambda s: s["history"].update(tasks=["p", "q"]), r"task names \['p', 'q'\] differ"),
+        (lambda s: s["log"].update(weights=[]), "one entry per history log entry"),
+        (lambda s: s["log"]["weights"].__setitem__(0, [1.0, -1.0]), "positive numbers"),
+    ],
+)
+def test_a_rejected_state_changes_nothing(mutate, match):
+    source = DWA(temperature=1.5, tasks=("a", "b"))
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.7]):
+        source(torch.tensor(losses))
+        source.step()
+    source(torch.tensor([0.3, 1.6]))
+    state = source.state_dict()
+    mutate(state["_extra_state"])
+    # A target whose every field differs from the source's: temperature, history, log, running sums.
+    target = DWA(temperature=4.0, tasks=("a", "b"))
+    for losses in ([9.0, 8.0], [7.0, 9.0]):
+        target(torch.tensor(losses))
+        target.step()
+    target(torch.tensor([5.0, 5.0]), weight=3.0)
+    before = (target.temperature, target.state_dict(), target.weights.clone(), target.log)
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert target.temperature == before[0] == 4.0
+    assert str(target.state_dict()) == str(before[1])
+    assert torch.equal(target.weights, before[2]) and target.log == before[3]
 
 
 def test_reset_returns_to_uniform():

@@ -272,38 +272,3 @@ def test_session_opens_the_exported_files_with_or_without_their_manifest(tmp_pat
         for path in (source, alone):  # beside manifest.json (sha256), and alone (hand-worked example)
             kernel = DWAWeightsSession(path)
             assert kernel.batched == ("batched" in source.name) and kernel.dtype == np.float32
-
-
-def test_numpy_history_shares_the_rules_of_the_torch_history():
-    numpy_history, torch_history = NumpyDWAHistory(), DWAHistory()
-    for losses, weight in (([2.0, 1.0], 3), ([4.0, 2.0], 1)):
-        numpy_history.record(np.array(losses, np.float32), weight)
-        torch_history.record(torch.tensor(losses), weight)
-    numpy_history.step()
-    torch_history.step()
-    assert numpy_history.averages == torch_history.averages == ((2.5, 1.25),)
-    for history, losses in ((numpy_history, np.array([0.0, 1.0], np.float32)), (torch_history, torch.tensor([0.0, 1.0]))):
-        history.record(losses)
-        with pytest.raises(LossHistoryError, match="task 0 is 0.0") as info:
-            history.step()
-        assert info.value.task == 0
-    # A checkpoint from one loads into the other, mid-epoch.
-    restored = DWAHistory()
-    restored.load_state_dict(json.loads(json.dumps(numpy_history.state_dict())))
-    assert restored.state_dict() == torch_history.state_dict()
-    back = NumpyDWAHistory()
-    back.load_state_dict(torch_history.state_dict())
-    assert back.state_dict() == numpy_history.state_dict()
-
-
-def test_numpy_history_weighted_and_per_row_records():
-    history = NumpyDWAHistory()
-    history.record(np.array([[1.0, 2.0], [3.0, 4.0]], np.float32), weight=np.array([1.0, 3.0]))
-    history.record(np.array([5.0, 6.0], np.float32))
-    history.step()
-    assert history.averages[-1] == pytest.approx(((1 + 9 + 5) / 5, (2 + 12 + 6) / 5))
-    with pytest.raises(ValueError, match="does not broadcast"):
-        history.record(np.ones((2, 2), np.float32), weight=np.ones(3))
-    with pytest.raises(ValueError, match="has K=2"):
-        history.record(np.ones(3, np.float32))
-    assert [a.dtype for a in history.inputs()] == [np.float32, np.float32]
