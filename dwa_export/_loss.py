@@ -332,9 +332,22 @@ class DWA(nn.Module):
         self._weight_log = weight_log
         self._update_weights()
 
-    def extra_repr(self) -> str:
-        tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
-        return f"temperature={self._temperature}, num_tasks={self.history.num_tasks}{tasks}, ready={self.history.ready}"
+    def __repr__(self) -> str:
+        # As torchjd's DWA writes it ("DWA(temperature=2.0)"), plus the arguments given.
+        history = self.history
+        args = [f"temperature={self._temperature}"]
+        if history._fixed_num_tasks is not None and history._tasks is None:
+            args.append(f"num_tasks={history._fixed_num_tasks}")
+        if history._tasks is not None:
+            args.append(f"tasks={history._tasks!r}")
+        if not history.distributed:
+            args.append("distributed=False")
+        if history.allow_empty_ranks:
+            args.append("allow_empty_ranks=True")
+        return f"{type(self).__name__}({', '.join(args)})"
+
+    def __str__(self) -> str:
+        return type(self).__name__
 
 
 def _short(value: object) -> str:
