@@ -197,19 +197,23 @@ class DWA(nn.Module):
         :meth:`DWAHistory.record` (e.g. the batch size). No host-device
         synchronisation.
         """
+        hot = self._hot_weights
+        if hot is not None and weight is None and isinstance(losses, Tensor) and not _is_compiling():
+            # The hot path: an unweighted [K] batch like the last one, one add and one dot.
+            if not self.training or self.history._record_fast(losses):
+                try:
+                    return torch.dot(losses, hot)
+                except RuntimeError:  # recorded, but of another dtype than the last losses
+                    return self._weighted_sum(losses)
         if not isinstance(losses, Tensor) or losses.dim() == 0:
             losses = self.history.as_losses(losses)
         if self.training:
             self.history.record(losses, weight)
-        hot = self._hot_weights
-        if hot is not None and not _is_compiling():
-            try:  # the hot path: [K] losses of the dtype and device of the last ones
-                return torch.dot(losses, hot)
-            except RuntimeError:
-                pass
         return self._weighted_sum(losses)
 
     def _weighted_sum(self, losses: Tensor) -> Tensor:
+        if losses.dim() == 0:
+            losses = losses.view(1)
         weights = self._weights
         if weights is None or weights.device != losses.device:
             num_tasks = self.history.num_tasks
