@@ -11,7 +11,15 @@ def test_bench_quick_prints_every_section_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     text = capsys.readouterr().out
-    for heading in ("per-batch overhead, K=3, cpu", "per-batch overhead, K=16, cpu", "kernel call latency", "batched throughput", "export and start-up"):
+    for heading in (
+        "per-batch overhead, K=3, cpu",
+        "per-batch overhead, K=16, cpu",
+        "compiled train step, K=3, cpu",
+        "checkpoint with a 200-epoch log, K=16",
+        "kernel call latency",
+        "batched throughput",
+        "export and start-up",
+    ):
         assert heading in text, heading
     rows = json.loads(out.read_text())["rows"]
     names = {row["name"] for row in rows}
@@ -23,6 +31,9 @@ def test_bench_quick_prints_every_section_and_writes_json(tmp_path, capsys):
         "runtime.DWAWeightsSession / bare run",
         "plain tensor copy (bandwidth reference)",
         "TorchScript / copy",
+        "the same step with dwa(losses)",
+        "torch.save size",
+        "load_state_dict() (validates every entry)",
     ):
         assert name in names, name
     for row in rows:
