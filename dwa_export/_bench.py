@@ -240,8 +240,9 @@ def checkpoint_size(config: Config) -> list[Row]:
     section = f"checkpoint with a {epochs}-epoch log, K={k}"
     dwa = DWA(num_tasks=k)
     gen = torch.Generator().manual_seed(0)
-    for epoch in range(epochs):
-        dwa(torch.rand(k, generator=gen) + 1.0 / (1 + epoch))
+    speeds = torch.linspace(0.1, 1.0, k)
+    for epoch in range(epochs):  # losses that fall at different speeds, with a little noise
+        dwa((1 + 0.01 * torch.rand(k, generator=gen)) / (1 + epoch * speeds))
         dwa.step()
     state = dwa.state_dict()
     buffer = io.BytesIO()

@@ -36,6 +36,12 @@ SUBCOMMANDS: tuple[Subcommand, ...] = (
         "time the per-batch overhead, the kernel in every runtime, batched throughput and start-up",
         "dwa_export._bench",
     ),
+    Subcommand(
+        "plot",
+        "STATE [-o FILE] [--csv]",
+        "draw a checkpoint's per-epoch DWA weights and losses (needs dwa-export[plot]), or print them as CSV",
+        "dwa_export._plot",
+    ),
 )
 
 _CONTRACT = """\

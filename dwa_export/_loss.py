@@ -384,10 +384,10 @@ def _parse_weight_log(value: Any, history: Any) -> list[tuple[float, tuple[float
             continue
         check_temperature(temperature)
         if not isinstance(weights, list) or len(weights) != num_tasks or not all(
-            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w > 0 for w in weights
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0 for w in weights
         ):
             raise ValueError(
-                f"malformed DWA state: log weights[{i}] must be a list of {num_tasks} positive numbers, got {_short(weights)}"
+                f"malformed DWA state: log weights[{i}] must be a list of {num_tasks} finite numbers >= 0, got {_short(weights)}"
             )
         out.append((float(temperature), tuple(float(w) for w in weights)))
     return out  # type: ignore[return-value]
