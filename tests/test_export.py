@@ -331,15 +331,15 @@ def test_cli_help_documents_the_io_contract_and_rejects_bad_options(capsys):
 
 def test_a_new_subcommand_is_listed_and_dispatched_from_one_place(monkeypatch, capsys):
     calls = []
-    monkeypatch.setitem(sys.modules, "fake_plot_module", types.SimpleNamespace(main=lambda argv: calls.append(argv) or 7))
-    plot = Subcommand("plot", "STATE [--out FILE]", "plot a saved history's weights", "fake_plot_module")
-    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, plot))
-    assert main(["plot", "state.json", "--out", "x.png"]) == 7 and calls == [["state.json", "--out", "x.png"]]
+    monkeypatch.setitem(sys.modules, "fake_module", types.SimpleNamespace(main=lambda argv: calls.append(argv) or 7))
+    fake = Subcommand("fake", "STATE [--out FILE]", "do something with a saved state", "fake_module")
+    monkeypatch.setattr(cli, "SUBCOMMANDS", (*cli.SUBCOMMANDS, fake))
+    assert main(["fake", "state.json", "--out", "x.png"]) == 7 and calls == [["state.json", "--out", "x.png"]]
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "dwa-export plot STATE [--out FILE]" in text and "plot a saved history's weights" in text
-    assert "dwa-export bench" in text
+    assert "dwa-export fake STATE [--out FILE]" in text and "do something with a saved state" in text
+    assert "dwa-export bench" in text and "dwa-export plot STATE" in text
 
 
 @pytest.mark.parametrize("out", ["/proc/dwa-export-test", "/dev/null"])
