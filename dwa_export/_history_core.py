@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -728,6 +728,14 @@ def _parse_log(value: object, num_tasks: int | None) -> list[tuple[int, float, t
     return entries
 
 
+def _check_keys(state: Mapping[str, Any], keys: Iterable[str], suffix: str = "") -> None:
+    """Raise unless ``state`` has exactly ``keys``; the C++ header says the same."""
+    missing = set(keys) - state.keys()
+    unknown = state.keys() - set(keys)
+    if missing or unknown:
+        raise _bad_state(f"missing keys {sorted(missing)}, unexpected keys {sorted(map(str, unknown))}{suffix}")
+
+
 def _parse_num_tasks(value: object) -> int | None:
     if value is not None and not (_is_int(value) and 1 <= value <= MAX_TASKS):  # type: ignore[operator]
         raise _bad_state(f"'num_tasks' must be None or an int from 1 to {MAX_TASKS}, got {_short(value)}")
@@ -758,10 +766,7 @@ def parse_state(
     legacy = None
     if version == 1:
         state, legacy = _migrate_v1(state)
-    missing = set(STATE_KEYS) - state.keys()
-    unknown = state.keys() - set(STATE_KEYS)
-    if missing or unknown:
-        raise _bad_state(f"missing keys {sorted(missing)}, unexpected keys {sorted(map(str, unknown))}")
+    _check_keys(state, STATE_KEYS)
 
     num_tasks = _parse_num_tasks(state["num_tasks"])
     if fixed_num_tasks is not None and num_tasks != fixed_num_tasks:
@@ -814,10 +819,7 @@ def _migrate_v1(state: Mapping[str, Any]) -> tuple[dict[str, Any], Partial | Non
     one batch, starts an empty log, and lets whichever process loads the state
     take its running epoch (as version 1 did).
     """
-    missing = _V1_KEYS - state.keys()
-    unknown = state.keys() - _V1_KEYS
-    if missing or unknown:
-        raise _bad_state(f"missing keys {sorted(missing)}, unexpected keys {sorted(map(str, unknown))} (version 1)")
+    _check_keys(state, _V1_KEYS, " (version 1)")
     num_tasks = _parse_num_tasks(state["num_tasks"])
     if state["dtype"] is not None and state["dtype"] not in ACCUMULATOR_DTYPES:
         raise _bad_state(f"'dtype' must be None or one of {list(ACCUMULATOR_DTYPES)}, got {_short(state['dtype'])}")

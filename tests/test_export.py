@@ -137,21 +137,6 @@ def test_float16_onnx_runs_in_onnxruntime():
 # --------------------------------------------------------------------------- reproducibility
 
 
-def test_onnx_export_is_byte_identical_from_another_checkout(tmp_path):
-    copy = tmp_path / "elsewhere"
-    shutil.copytree(ROOT / "dwa_export", copy / "dwa_export")
-    script = (
-        "import sys, warnings; warnings.simplefilter('ignore');"
-        "from dwa_export._export import Artifact, onnx_bytes;"
-        "sys.stdout.buffer.write(onnx_bytes(Artifact('onnx-batched', 'float32')))"
-    )
-    env = dict(os.environ, PYTHONPATH=str(copy))
-    out = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, check=True)
-    with quiet_exporters():
-        here = onnx_bytes(Artifact("onnx-batched", "float32"))
-    assert out.stdout == here
-
-
 def test_torchscript_export_is_byte_identical_from_another_checkout(tmp_path):
     copy = tmp_path / "elsewhere"
     shutil.copytree(ROOT / "dwa_export", copy / "dwa_export")

@@ -321,22 +321,24 @@ inline std::vector<LogEntry> parse_log(const Value& value, std::optional<std::si
   return log;
 }
 
-inline bool is_plain_number(const Value& value) { return value.is_number(); }
-
-// Version 1 (dwa_export 0.1) -> 2; see _migrate_v1 in dwa_export/_history_core.py.
-inline Value migrate_v1(const Value& state, std::optional<Partial>& legacy) {
-  static const char* keys[] = {"format",    "version",   "num_tasks",    "averages",
-                               "dtype",     "epoch_sum", "epoch_weight", "epoch_tensor_weight"};
+// Raises unless `state` has exactly `keys`, listing both sides sorted, as Python does.
+inline void check_keys(const Value& state, const std::vector<std::string>& keys, const std::string& suffix = "") {
   std::vector<std::string> missing, unexpected;
-  for (const char* key : keys)
-    if (!state.find(key)) missing.emplace_back(key);
+  for (const auto& key : keys)
+    if (!state.find(key)) missing.push_back(key);
   for (const auto& member : state.members)
-    if (std::none_of(std::begin(keys), std::end(keys), [&](const char* key) { return member.first == key; }))
-      unexpected.push_back(member.first);
+    if (std::find(keys.begin(), keys.end(), member.first) == keys.end()) unexpected.push_back(member.first);
   std::sort(missing.begin(), missing.end());
   std::sort(unexpected.begin(), unexpected.end());
   if (!missing.empty() || !unexpected.empty())
-    bad_state("missing keys " + names_repr(missing) + ", unexpected keys " + names_repr(unexpected) + " (version 1)");
+    bad_state("missing keys " + names_repr(missing) + ", unexpected keys " + names_repr(unexpected) + suffix);
+}
+
+// Version 1 (dwa_export 0.1) -> 2; see _migrate_v1 in dwa_export/_history_core.py.
+inline Value migrate_v1(const Value& state, std::optional<Partial>& legacy) {
+  check_keys(state,
+             {"format", "version", "num_tasks", "averages", "dtype", "epoch_sum", "epoch_weight", "epoch_tensor_weight"},
+             " (version 1)");
   const std::optional<std::size_t> num_tasks = parse_num_tasks(*state.find("num_tasks"));
   const Value& dtype = *state.find("dtype");
   if (!dtype.is_null() && (dtype.kind != Kind::String || (dtype.text != "float32" && dtype.text != "float64")))
@@ -390,17 +392,7 @@ inline ParsedState parse_state(const Value& input, std::size_t fixed_num_tasks,
     state_ptr = &migrated;
   }
   const Value& state = *state_ptr;
-  static const char* keys[] = {"format", "version", "num_tasks", "tasks", "averages", "partial", "log"};
-  std::vector<std::string> missing, unexpected;
-  for (const char* key : keys)
-    if (!state.find(key)) missing.emplace_back(key);
-  for (const auto& member : state.members)
-    if (std::none_of(std::begin(keys), std::end(keys), [&](const char* key) { return member.first == key; }))
-      unexpected.push_back(member.first);
-  std::sort(missing.begin(), missing.end());
-  std::sort(unexpected.begin(), unexpected.end());
-  if (!missing.empty() || !unexpected.empty())
-    bad_state("missing keys " + names_repr(missing) + ", unexpected keys " + names_repr(unexpected));
+  check_keys(state, {"format", "version", "num_tasks", "tasks", "averages", "partial", "log"});
 
   ParsedState out;
   const std::optional<std::size_t> num_tasks = parse_num_tasks(*state.find("num_tasks"));
