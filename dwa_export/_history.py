@@ -249,7 +249,8 @@ class DWAHistory(HistoryCore):
         self._bases = torch.eye(2, 3, dtype=stats_dtype, device=device)  # (weight, count) increments
         # On the CPU the eager hot path counts through a view of the same memory,
         # at a twentieth of the cost of a tensor op.
-        self._host_counter = memoryview(self._stats.numpy()) if device.type == "cpu" else None
+        # (Not while compiling, where the compiled path counts with tensor ops.)
+        self._host_counter = memoryview(self._stats.numpy()) if device.type == "cpu" and not _is_compiling() else None
         for tensor in (self._buffer, self._stats, self._unit, self._bases):
             _mark_static(tensor)
         self._sums = None

@@ -215,15 +215,20 @@ class DWA(nn.Module):
         if losses.dim() == 0:
             losses = losses.view(1)
         weights = self._weights
-        if weights is None or weights.device != losses.device:
+        accumulator = self.history._buffer.dtype
+        if weights is None or weights.device != losses.device or weights.dtype != accumulator:
             num_tasks = self.history.num_tasks
             if num_tasks is None:  # eval mode before any batch: uniform weights
                 return losses.sum(-1).mean()
             if self._weights_buffer.device != losses.device:
                 self._to_device(losses.device)
+            if self._weights_buffer.dtype != accumulator:  # float64 losses widened the sums: follow now,
+                self._weights_buffer = self._weights_buffer.to(accumulator)  # not at step() (one graph less)
+                _mark_static(self._weights_buffer)
+                self._weights = None
             if self._weights is None:
-                # K was just fixed by this first batch: the weights are the
-                # warm-up's ones, which the buffer holds.
+                # K was just fixed by this first batch (the weights are the warm-up's
+                # ones, which the buffer holds), or the buffer was replaced.
                 self._bind_weights(num_tasks)
             weights = self._weights
             assert weights is not None

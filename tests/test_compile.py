@@ -54,10 +54,12 @@ FORMS = {
     "dwa(losses)": lambda dwa, h, x, y, w, wt: dwa(task_losses(x, y)),
     "dwa(per-sample losses)": lambda dwa, h, x, y, w, wt: dwa(per_sample_losses(x, y)),
     "dwa(dict)": lambda dwa, h, x, y, w, wt: dwa(dict(zip(("a", "b", "c"), task_losses(x, y).unbind()))),
+    "dwa(float64 losses)": lambda dwa, h, x, y, w, wt: dwa(task_losses(x.double(), y.double())),
     "record(losses)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x, y)),
     "record(losses, weight=number)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x, y), weight=w),
     "record(losses, weight=0-d tensor)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x, y), weight=wt),
     "record(per-sample losses)": lambda dwa, h, x, y, w, wt: h.record(per_sample_losses(x, y)),
+    "record(float64 losses)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x.double(), y.double())),
 }
 
 
@@ -102,7 +104,7 @@ def test_compiled_loss_function_compiles_at_most_twice_and_matches_eager(form, n
     for got, want in zip(compiled[0], eager[0]):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-6)
-    assert not torch.allclose(compiled[0][-1], torch.ones(K), atol=1e-3)  # DWA really moved the weights
+    assert not torch.allclose(compiled[0][-1].float(), torch.ones(K), atol=1e-3)  # DWA really moved the weights
 
 
 @pytest.mark.parametrize("form", list(FORMS))
