@@ -139,3 +139,17 @@ def test_named_tasks_and_scalar_losses():
     single = NumpyDWAHistory()
     single.record(np.float32(0.5))
     assert single.num_tasks == 1
+
+
+def test_number_weighted_records_round_alike_in_torch_and_numpy():
+    # A product weight x loss, rounded, then the add, rounded: a fused multiply-add
+    # (torch's add_(alpha=)) would round once and differ in the last bit here.
+    torch_history, numpy_history = DWAHistory(), NumpyDWAHistory()
+    batches = [([1.0, 15.0, 1.0], None), ([1.0, 1.9109582901000977, 1.0], None), ([1.0, 1.8192617893218994, 1.0], 34.0)]
+    for losses, weight in batches:
+        torch_history.record(torch.tensor(losses), weight)
+        numpy_history.record(np.array(losses, np.float32), weight)
+    assert torch_history.state_dict() == numpy_history.state_dict()
+    assert torch_history.state_dict()["partial"][5][1] == float(
+        np.float32(np.float32(15.0) + np.float32(1.9109582901000977)) + np.float32(np.float32(34.0) * np.float32(1.8192617893218994))
+    )

@@ -69,6 +69,7 @@ VALID: dict[str, bytes] = {
     "invalid_weight_marker_nan": dumps(state(partial=partial(weight=math.nan))),
     "infinite_sums": dumps(state(partial=partial(sums=[math.inf, 1.0]))),
     "zero_weight_batch": dumps(state(partial=partial(batches=1, weight=0.0, sums=[0.0, 0.0]))),
+    "partial_weight_minus_zero": dumps(state(partial=partial(weight=-0.0))),  # written back as 0.0
     "negative_losses_one_sign": dumps(state(averages=[[-1.0, 2.0], [-0.5, 1.5]], log=EMPTY_LOG)),
     "consolidated_group_epoch": dumps(state(partial=partial(world_size=4))),
     "whitespace_everywhere": json.dumps(BASE, indent="\t").replace("\n", "\r\n").encode(),
