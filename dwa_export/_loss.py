@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ._history import DWAHistory, Losses, _is_compiling, _mark_static
-from ._history_core import check_temperature
+from ._history_core import _short, check_temperature
 from ._kernel import DWAWeights
 
 __all__ = ["DWA"]
@@ -357,11 +357,6 @@ class DWA(nn.Module):
 
     def __str__(self) -> str:
         return type(self).__name__
-
-
-def _short(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 200 else text[:200] + "..."
 
 
 def _parse_weight_log(value: Any, history: Any) -> list[tuple[float, tuple[float, ...]]]:
