@@ -99,7 +99,10 @@ class DWA(nn.Module):
         self._weights_buffer = torch.ones(self.history.num_tasks or 64)
         self._weights: Tensor | None = None
         self._hot_weights: Tensor | None = None  # _weights in the dtype of the last [K] losses
-        self._weight_log: list[tuple[float, tuple[float, ...]]] = []  # (T, next weights) per history log entry
+        # (history log entry, T, next weights) for each step() of this module: matched to
+        # the history's log by identity, so that a history stepped or reset directly
+        # (without DWA) leaves no misplaced temperature or weights.
+        self._weight_log: list[tuple[Any, float, tuple[float, ...]]] = []
         if self.history.num_tasks is not None:
             self._update_weights()
 
@@ -113,8 +116,9 @@ class DWA(nn.Module):
     def temperature(self, value: float) -> None:
         self._temperature = check_temperature(value)
         self._update_weights()
-        if self._weight_log and self._weights is not None and len(self._weight_log) == len(self.history._log):
-            self._weight_log[-1] = (self._temperature, tuple(self._weights.tolist()))
+        history_log = self.history._log
+        if self._weight_log and history_log and self._weight_log[-1][0] is history_log[-1] and self._weights is not None:
+            self._weight_log[-1] = (history_log[-1], self._temperature, tuple(self._weights.tolist()))
 
     @property
     def tasks(self) -> tuple[str, ...] | None:
@@ -158,7 +162,7 @@ class DWA(nn.Module):
         names = self.tasks
         out = []
         previous = None
-        for entry, (temperature, weights) in zip(entries, self._aligned_weight_log(len(entries))):
+        for entry, (temperature, weights) in zip(entries, self._aligned_weight_log()):
             average = entry["averages"]
             rates = None if previous is None else [a / p for a, p in zip(average, previous)]
             previous = average
@@ -181,10 +185,10 @@ class DWA(nn.Module):
             )
         return out
 
-    def _aligned_weight_log(self, length: int) -> list[tuple[float | None, tuple[float, ...] | None]]:
+    def _aligned_weight_log(self) -> list[tuple[float | None, tuple[float, ...] | None]]:
         """(T, weights) for each history log entry; None where ``history.step()`` was called directly."""
-        known: list[tuple[float | None, tuple[float, ...] | None]] = list(self._weight_log[-length:])
-        return [(None, None)] * (length - len(known)) + known
+        known = {id(entry): (temperature, weights) for entry, temperature, weights in self._weight_log}
+        return [known.get(id(entry), (None, None)) for entry in self.history._log]
 
     # ------------------------------------------------------------------ per batch
     def forward(self, losses: Losses, weight: float | Tensor | None = None) -> Tensor:
@@ -253,7 +257,10 @@ class DWA(nn.Module):
         if self.history.num_tasks is not None:
             self._update_weights()
         if len(self.history._log) > logged and self._weights is not None:
-            self._weight_log = self._aligned_weight_log(logged) + [(self._temperature, tuple(self._weights.tolist()))]  # type: ignore[list-item]
+            if len(self._weight_log) >= len(self.history._log):  # the history was reset behind DWA's back
+                current = {id(entry) for entry in self.history._log}
+                self._weight_log = [item for item in self._weight_log if id(item[0]) in current]
+            self._weight_log.append((self.history._log[-1], self._temperature, tuple(self._weights.tolist())))
 
     def discard_epoch(self) -> None:
         """Drop the batches recorded since the last :meth:`step`."""
@@ -318,7 +325,7 @@ class DWA(nn.Module):
 
     # ------------------------------------------------------------------ checkpoints
     def get_extra_state(self) -> dict[str, Any]:
-        weight_log = self._aligned_weight_log(len(self.history._log))
+        weight_log = self._aligned_weight_log()
         return {
             "temperature": self._temperature,
             "history": self.history.state_dict(),
@@ -338,7 +345,9 @@ class DWA(nn.Module):
         weight_log = _parse_weight_log(state.get("log"), state["history"])
         self.history.load_state_dict(state["history"])
         self._temperature = temperature
-        self._weight_log = weight_log
+        self._weight_log = [
+            (entry, t, w) for entry, (t, w) in zip(self.history._log, weight_log) if t is not None and w is not None
+        ]
         self._update_weights()
 
     def __repr__(self) -> str:

@@ -402,3 +402,18 @@ def test_a_version_1_dwa_checkpoint_loads():
     assert dwa.temperature == 1.5 and dwa.log == []
     np.testing.assert_allclose(dwa.weights.numpy(), epoch_weights([[[1.0, 2.0]], [[0.75, 1.5]], [[1, 1]]], 1.5)[2], atol=1e-6)
 
+
+
+def test_the_log_stays_aligned_when_the_history_is_reset_or_stepped_directly():
+    dwa = DWA(num_tasks=2)
+    for losses in ([1.0, 2.0], [0.5, 1.9], [0.4, 1.8]):
+        dwa(torch.tensor(losses))
+        dwa.step()
+    dwa.history.reset()  # behind DWA's back: its log columns must not be reused
+    dwa(torch.tensor([1.0, 1.0]))
+    dwa.step()
+    assert len(dwa.log) == 1 and dwa.log[0]["weights"] == [1.0, 1.0] and dwa.log[0]["averages"] == [1.0, 1.0]
+    dwa(torch.tensor([0.5, 1.0]))
+    dwa.history.step()  # stepped directly: DWA knows no temperature or weights for it
+    assert dwa.log[-1]["weights"] is None and dwa.log[-1]["temperature"] is None
+    assert dwa.log[0]["weights"] == [1.0, 1.0]
