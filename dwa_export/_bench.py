@@ -380,18 +380,25 @@ def _format(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def run(config: Config, devices: Sequence[str] = ("cpu",), progress: Callable[[str], None] = print) -> list[Row]:
-    """All sections; exports the artifacts it loads into a temporary folder."""
+def run(
+    config: Config,
+    devices: Sequence[str] = ("cpu",),
+    progress: Callable[[str], None] = print,
+    artifacts: Path | None = None,
+) -> list[Row]:
+    """All sections. Exports the artifacts it loads into a temporary folder, unless given a folder of them."""
     rows: list[Row] = []
     with tempfile.TemporaryDirectory() as folder:
-        artifacts = Path(folder)
-        progress("exporting artifacts ...")
-        start = time.perf_counter()
-        command = [sys.executable, "-m", "dwa_export", "--out", str(artifacts), "--quiet"]
-        if not config.export:
-            command += ["--formats", "torchscript,onnx,onnx-batched,pt2"]
-        subprocess.run(command, check=True)
-        export_seconds = time.perf_counter() - start if config.export else None
+        export_seconds = None
+        if artifacts is None:
+            artifacts = Path(folder)
+            progress("exporting artifacts ...")
+            start = time.perf_counter()
+            command = [sys.executable, "-m", "dwa_export", "--out", str(artifacts), "--quiet"]
+            if not config.export:
+                command += ["--formats", "torchscript,onnx,onnx-batched,pt2"]
+            subprocess.run(command, check=True)
+            export_seconds = time.perf_counter() - start if config.export else None
         for device in devices:
             progress(f"per-batch overhead on {device} ...")
             rows += per_batch(config, device)
@@ -418,12 +425,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument("--quick", action="store_true", help="a tiny, fast configuration (figures are not meaningful)")
+    parser.add_argument(
+        "--artifacts", type=Path, help="time the files in this folder (e.g. exported) instead of exporting them anew"
+    )
     args = parser.parse_args(argv)
 
     config = Config.quick() if args.quick else Config()
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     started = time.perf_counter()
-    rows = run(config, devices, progress=lambda message: print(message, file=sys.stderr, flush=True))
+    rows = run(config, devices, lambda message: print(message, file=sys.stderr, flush=True), args.artifacts)
     print(f"dwa_export benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads" + _format(rows))
     missed = [row for row in rows if row.ok is False]
     print(f"\n{len(rows)} figures in {time.perf_counter() - started:.0f} s; {len(missed)} targets missed")

@@ -32,7 +32,7 @@ class Subcommand:
 SUBCOMMANDS: tuple[Subcommand, ...] = (
     Subcommand(
         "bench",
-        "[--quick] [--json FILE]",
+        "[--quick] [--artifacts DIR] [--json FILE]",
         "time the per-batch overhead, the kernel in every runtime, batched throughput and start-up",
         "dwa_export._bench",
     ),

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from dwa_export._cli import main
 
 
 def test_bench_quick_prints_every_section_and_writes_json(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    exported = Path(__file__).resolve().parents[1] / "exported"  # the committed files: no export here
+    assert main(["bench", "--quick", "--artifacts", str(exported), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     for heading in (
         "per-batch overhead, K=3, cpu",
