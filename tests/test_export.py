@@ -304,7 +304,7 @@ def test_cli_help_documents_the_io_contract_and_rejects_bad_options(capsys):
     for fragment in ("dwa_weights_batched.onnx", "temperature [1, 1] or [N, 1]", "--opset", "--check", "Exit status"):
         assert fragment in text
     # Every subcommand, in the usage and the list, with its arguments.
-    assert SUBCOMMANDS and "dwa-export bench [--quick] [--json FILE]" in text
+    assert SUBCOMMANDS and "dwa-export bench [--quick] [--artifacts DIR] [--json FILE]" in text
     for command in SUBCOMMANDS:
         assert text.count(f"dwa-export {command.name} {command.usage}") == 2, command.name
         assert command.summary in text
