@@ -36,6 +36,7 @@ import conformance
 import dwa_export
 from dwa_export import DWAHistory, DWAWeights, LossHistoryError
 from dwa_export.runtime import NumpyDWAHistory
+from state_corpus.generate import BASE, V1
 from reference import dwa_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,31 +156,11 @@ def run_python(script: list[str], kind: str = "torch", float64: bool = False, ta
 
 
 def state(**changes) -> str:
-    base = {
-        "format": "dwa_export.history",
-        "version": 2,
-        "num_tasks": 2,
-        "tasks": None,
-        "averages": [[1.0, 2.0], [0.5, 1.5]],
-        "partial": [None, 1, "float32", 2, 2.0, [0.75, 3.0]],
-        "log": {"batches": [1, 2], "weight": [1.0, 2.0], "averages": [[1.0, 2.0], [0.5, 1.5]]},
-    }
-    base.update(changes)
-    return json.dumps(base)
+    """A version-2 state of the shared corpus (tests/state_corpus/generate.py), changed."""
+    return json.dumps(dict(BASE, **changes))
 
 
-V1_STATE = json.dumps(
-    {
-        "format": "dwa_export.history",
-        "version": 1,
-        "num_tasks": 2,
-        "averages": [[1.0, 2.0], [0.5, 1.5]],
-        "dtype": "float32",
-        "epoch_sum": [0.75, 3.0],
-        "epoch_weight": 1.0,
-        "epoch_tensor_weight": 1.0,
-    }
-)
+V1_STATE = json.dumps(V1)
 
 SCRIPT = [
     "inputs",  # K unknown yet
