@@ -335,7 +335,6 @@ class DWAHistory(HistoryCore):
         accumulator = None if self._sums is None else str(self._sums.dtype).removeprefix("torch.")
         slots[rank] = torch.tensor(self._slot(0.0, 0.0, accumulator), dtype=dtype).to(device)
         if self._sums is not None:
-            assert self._stats is not None
             slots[rank, 3:5] = self._totals().to(device=device, dtype=dtype)
             payload[: self._sums.shape[0]] = self._sums.to(device=device, dtype=dtype)
         packet = torch.cat((slots.view(-1), payload))
@@ -368,9 +367,7 @@ class DWAHistory(HistoryCore):
         self._consolidated = None
         if reduced is None:
             return
-        num_tasks, slots, sums = reduced
-        batches = sum(int(slot[3]) for slot in slots)
-        weight = sum(slot[4] for slot in slots)
+        num_tasks, slots, batches, weight, sums = reduced
         if batches == 0:
             return
         dtypes = {code: name for name, code in DTYPE_CODES.items()}
@@ -397,7 +394,6 @@ class DWAHistory(HistoryCore):
     def _local_partial(self) -> tuple[str, int, float, Sequence[float]] | None:
         if self._sums is None:
             return None
-        assert self._stats is not None
         batches, weight = self._totals().tolist()
         if batches == 0:
             return None

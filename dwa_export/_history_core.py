@@ -404,10 +404,7 @@ class HistoryCore:
         reduced = self._reduce()
         if reduced is None:
             return
-        num_tasks, slots, sums = reduced
-        batches = sum(int(slot[3]) for slot in slots)
-        # math.fsum: one correctly rounded total, the same on every rank.
-        weight = slots[0][4] if len(slots) == 1 else math.fsum(slot[4] for slot in slots)
+        num_tasks, slots, batches, weight, sums = reduced
         previous = self._averages[-1] if self._averages else None
         if weight == 0.0:  # nothing, or only zero-weight batches: nothing to average
             self._clear_epoch()
@@ -429,8 +426,10 @@ class HistoryCore:
         self._log.append((batches, weight, average))
         self._clear_epoch()
 
-    def _reduce(self, mid_epoch: bool = False) -> tuple[int, list[Sequence[float]], tuple[float, ...]] | None:
-        """This epoch's (K, per-rank slots, loss sums) over the process group, after checking agreement.
+    def _reduce(
+        self, mid_epoch: bool = False
+    ) -> tuple[int, list[Sequence[float]], int, float, tuple[float, ...]] | None:
+        """This epoch's (K, per-rank slots, batches, weight, loss sums) over the process group, after checking agreement.
 
         ``mid_epoch``: some ranks may legitimately have recorded nothing yet.
         """
@@ -442,7 +441,10 @@ class HistoryCore:
         num_tasks = self._check_agreement(slots, allow_empty=mid_epoch or self.allow_empty_ranks)
         if num_tasks is None:
             return None
-        return num_tasks, slots, tuple(packet[world_size * SLOT_SIZE :][:num_tasks])
+        batches = sum(int(slot[3]) for slot in slots)
+        # math.fsum: one correctly rounded total, the same on every rank.
+        weight = slots[0][4] if world_size == 1 else math.fsum(slot[4] for slot in slots)
+        return num_tasks, slots, batches, weight, tuple(packet[world_size * SLOT_SIZE :][:num_tasks])
 
     def _slot(self, batches: float, weight: float, dtype: str | None) -> list[float]:
         """This process's row of the epoch packet (host numbers; the subclass may fill batches/weight on device)."""
