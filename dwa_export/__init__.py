@@ -19,9 +19,9 @@ _LAZY = {
     "DWAWeights": "._kernel",
     "DWAHistory": "._history",
     "DWA": "._loss",
-    "LossHistoryError": "._history_core",
-    "PartialEpochWarning": "._history_core",
-    "RankMismatchError": "._history_core",
+    "LossHistoryError": "._epochs",
+    "PartialEpochWarning": "._distributed",
+    "RankMismatchError": "._distributed",
 }
 
 __all__ = [
@@ -36,8 +36,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
+    from ._distributed import PartialEpochWarning, RankMismatchError
+    from ._epochs import LossHistoryError
     from ._history import DWAHistory
-    from ._history_core import LossHistoryError, PartialEpochWarning, RankMismatchError
     from ._kernel import DWAWeights
     from ._loss import DWA
 

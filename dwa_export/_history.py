@@ -1,7 +1,9 @@
-"""``DWAHistory``: per-batch loss accumulation on the device, epoch averages on the host."""
+"""``DWAHistory``: per-batch loss sums on the device, epoch averages on the host."""
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
 
@@ -9,38 +11,30 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._history_core import (
-    DTYPE_CODES,
-    SLOT_SIZE,
-    HistoryCore,
-    Partial,
-    check_batch_weight,
-    payload_size,
+from ._distributed import (
+    DTYPES,
+    GroupEpoch,
+    Header,
+    Operation,
+    PartialEpochWarning,
+    exchange,
+    names_code,
+    partial_epoch_message,
+    rank_in,
 )
+from ._epochs import EpochHistory, check_batch_weight, check_temperature
+from ._state import HistoryState, RunningEpoch, Share, resolve_partial
+from ._tensors import accumulator_dtype, state_tensor
 
 __all__ = ["DWAHistory", "Losses"]
 
 #: What ``record()`` and ``DWA`` accept as one batch of task losses.
 Losses = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
 
-_add_ = Tensor.add_  # bound once: the per-batch path is a few microseconds
 _is_compiling = torch.compiler.is_compiling
 
 
-def _mark_static(tensor: Tensor) -> None:
-    """Let CUDA graphs (``torch.compile(mode="reduce-overhead")``) update ``tensor`` in place.
-
-    What ``torch._dynamo.mark_static_address(tensor, guard=False)`` does, without
-    importing torch._dynamo (two seconds) into programs that never compile;
-    tests/test_compile.py checks that the two stay the same. The storage must
-    then not change between calls, which is how the state is kept anyway.
-    Skipped while compiling (the attribute cannot be set on a traced tensor).
-    """
-    if not _is_compiling():
-        tensor._dynamo_static_input_type = "unguarded"  # type: ignore[attr-defined]
-
-
-class DWAHistory(HistoryCore):
+class DWAHistory:
     r"""Epoch-average task losses for Dynamic Weight Average, fed to :class:`DWAWeights`.
 
     Call :meth:`record` every batch and :meth:`step` once per epoch, like a
@@ -62,34 +56,31 @@ class DWAHistory(HistoryCore):
     them is a tensor of exactly the batch shape ``losses.shape[:-1]``, and a
     single number is refused as ambiguous.
 
-    The per-batch path never synchronises with the device and is
-    ``torch.compile``-friendly: the running sums live in tensors that are
-    updated in place (their storage never changes between batches or epochs,
-    as CUDA graphs need), no Python number changes per batch, and nothing
-    branches on data. Invalid per-row weights (negative, NaN) cannot raise
-    there; they make the epoch's weight NaN and :meth:`step` raises. The state
-    follows the device of the losses it records (or ``DWA.to(device)``); sums
-    are kept in float32, or float64 for float64 losses (half-precision losses
-    are summed in float32).
+    The per-batch path never synchronises with the device and compiles into the
+    caller's graph: the running sums are float64 tensors (float32 on MPS, which
+    has no float64) updated in place, at fixed addresses once K is known, as
+    CUDA graphs need. Invalid per-row weights (negative, NaN) cannot raise there;
+    they make the epoch's weight NaN and :meth:`step` raises. The state follows
+    the device of the losses it records (or :meth:`to`). :meth:`inputs` are
+    float32, or float64 once float64 losses were recorded.
 
-    Under ``torch.distributed`` (initialised, ``distributed=True``),
-    :meth:`step` sums every rank's epoch over ``process_group`` in one
-    all-reduce, so that every rank gets the same global average and weights;
-    then every rank must call :meth:`step` together. The same all-reduce
-    checks that the ranks agree on K, dtype and the number of closed epochs,
-    and that no rank recorded nothing while others recorded batches (the sign
-    of a rank stepping twice), raising :class:`RankMismatchError` on every
-    rank otherwise. :meth:`state_dict` holds this rank's running epoch and
-    needs no collective; :meth:`consolidate_state_dict` makes mid-epoch
-    checkpoints that any rank can resume, on any number of processes.
+    Under ``torch.distributed`` (initialised, ``distributed=True``), :meth:`step`
+    sums every rank's epoch over ``process_group``, so that every rank gets the
+    same averages; every rank must then call it together. It first checks that
+    the ranks agree (K, task names, precision, closed epochs, temperature,
+    ``allow_empty_ranks``, and that none recorded nothing while others recorded
+    batches, the sign of a rank stepping twice), raising
+    :class:`RankMismatchError` on every rank otherwise. :meth:`state_dict` holds
+    this rank's running epoch and needs no collective; :meth:`consolidate_state_dict`
+    makes mid-epoch checkpoints that any rank can resume, on any number of processes.
 
     Args:
         num_tasks: K. Fixed by the first :meth:`record` when not given.
         tasks: task names (fixes K): :meth:`record` then also takes a mapping
             ``{name: loss}``, and the names are saved in and checked by checkpoints.
-        distributed: all-reduce across processes in :meth:`step` when
+        distributed: sum over the processes in :meth:`step` when
             ``torch.distributed`` is initialised. ``False`` keeps each rank's history local.
-        process_group: the group to reduce over (default: the world).
+        process_group: the group to sum over (default: the world).
         allow_empty_ranks: accept an epoch in which some ranks recorded no batch
             (data that really is that uneven); by default that is an error.
 
@@ -115,23 +106,100 @@ class DWAHistory(HistoryCore):
         process_group: dist.ProcessGroup | None = None,
         allow_empty_ranks: bool = False,
     ) -> None:
-        super().__init__(num_tasks, tasks)
+        self._epochs = EpochHistory(num_tasks, tasks)
         self.distributed = distributed
         self.process_group = process_group
         self.allow_empty_ranks = allow_empty_ranks
-        # The running epoch: loss sums, and (weight, batches) in float64. The
-        # tensors exist from construction on, so that a compiled caller only
-        # updates them in place; ``_sums`` is a view of the first K entries of
-        # ``_buffer`` once K is known (64 entries are kept while it is not).
-        self._buffer = self._stats = self._unit = self._bases = torch.empty(0)
-        self._host_counter: Any = None
-        self._sums: Tensor | None = None
-        self._consolidated: Partial | None = None
-        self._replace(self._num_tasks or payload_size(None), torch.float32, torch.device("cpu"), keep=False)
-        if self._num_tasks is not None:
-            self._bind(self._num_tasks)
+        self._dtype = torch.float32  # of inputs(); float64 once float64 losses were recorded
+        # The running epoch. [1], not 0-d: torch.compile loses in-place updates of
+        # 0-d float64 tensors (torch 2.13).
+        self._weight = state_tensor(lambda: torch.zeros(1, dtype=torch.float64))
+        self._batches = state_tensor(lambda: torch.zeros(1, dtype=torch.float64))
+        self._sums: Tensor | None = None  # [K], once K is known
+        if self._epochs.num_tasks is not None:
+            self._sums = self._zeros(self._epochs.num_tasks)
+        self._share = Share.OWN  # where this rank's part of a resumed epoch is
+        self._consolidated: tuple[int, RunningEpoch] | None = None  # (own batches then, the group's epoch)
+        self._process = (0, 1)  # the last (rank, world_size) seen, for state_dict() after the group is gone
+        self._rank()
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_tasks(self) -> int | None:
+        """K: given to the constructor, or fixed by the first :meth:`record` or a checkpoint."""
+        return self._epochs.num_tasks
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names (given to the constructor or loaded from a checkpoint), if any."""
+        return self._epochs.tasks
+
+    @property
+    def ready(self) -> bool:
+        """Whether two epoch averages exist, i.e. whether the weights are past the warm-up."""
+        return self._epochs.ready
+
+    @property
+    def averages(self) -> tuple[tuple[float, ...], ...]:
+        """The stored epoch averages as floats, oldest first (at most two)."""
+        return self._epochs.averages
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs closed by :meth:`step` since the start (or :meth:`reset`)."""
+        return len(self._epochs.log)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        """One JSON-friendly dict per successful :meth:`step`.
+
+        ``epoch``, ``averages``, ``batches`` (``record()`` calls, of all processes
+        under ``torch.distributed``), ``weight`` (their weight sum), and
+        ``temperature`` and ``weights`` (``None`` unless :meth:`log_weights` was
+        called, as ``DWA`` does). Saved in :meth:`state_dict`; :meth:`reset` clears it.
+        """
+        return self._epochs.entries()
+
+    @property
+    def device(self) -> torch.device:
+        """Where the running sums live."""
+        return self._weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of :meth:`inputs`: float32, or float64 once float64 losses were recorded."""
+        return self._dtype
 
     # ------------------------------------------------------------------ per batch
+    def as_losses(self, losses: Losses) -> Tensor:
+        """``losses`` as one checked ``[..., K]`` tensor (stacking a list, tuple or mapping); changes nothing.
+
+        Raises ``TypeError``/``ValueError`` for anything :meth:`record` would refuse
+        because of the losses' form, dtype or K.
+        """
+        if isinstance(losses, Tensor):
+            tensor = losses.reshape(1) if losses.dim() == 0 else losses
+        else:
+            if isinstance(losses, Mapping):
+                losses = self._epochs.in_task_order(losses)
+            if not (
+                isinstance(losses, (list, tuple))
+                and losses
+                and all(isinstance(loss, Tensor) and loss.dim() == 0 for loss in losses)
+            ):
+                raise TypeError(
+                    "losses must be a tensor of shape [..., K], a list/tuple of K 0-d tensors or, with task "
+                    f"names, a mapping {{name: 0-d tensor}}; got {_describe(losses)}"
+                )
+            tensor = torch.stack(losses)
+        if not tensor.is_floating_point() or tensor.shape[-1] == 0:
+            raise ValueError(
+                f"losses must be a floating-point tensor of shape [..., K] with K >= 1, got shape "
+                f"{list(tensor.shape)} and dtype {tensor.dtype}; stack the task losses, e.g. torch.stack([loss_a, loss_b])"
+            )
+        self._epochs.check_num_tasks(tensor.shape[-1])
+        return tensor
+
     def record(self, losses: Losses, weight: float | Tensor | None = None) -> None:
         """Add one batch of per-task losses to this epoch's running sums.
 
@@ -147,296 +215,254 @@ class DWAHistory(HistoryCore):
         Never synchronises with the device. Raises (changing nothing) for
         losses or weights of the wrong kind, shape, dtype or device.
         """
-        if weight is None and not _is_compiling() and self._record_fast(losses):
-            return
-        self._record(self.as_losses(losses), weight)
-
-    def _record_fast(self, losses: Losses) -> bool:
-        """Record an unweighted ``[K]`` batch of the sums' dtype and device; False if it is not one.
-
-        The hot path, shared with ``DWA.forward``: one in-place add, and on the
-        CPU one count through a memoryview of the stats tensor. ``.data``
-        reads the values without autograd, at half the cost of ``.detach()``.
-        """
-        sums = self._sums
-        try:
-            if losses.shape == sums.shape and losses.dtype is sums.dtype:  # type: ignore[union-attr]
-                _add_(sums, losses.data)  # type: ignore[arg-type, union-attr]
-                counter = self._host_counter
-                if counter is None:
-                    _add_(self._stats, self._unit)
-                else:  # the same float64 element, without a dispatcher call
-                    counter[2] += 1.0
-                return True
-        except (AttributeError, RuntimeError):  # not a tensor, no K yet, or on another device
-            pass
-        return False
-
-    def as_losses(self, losses: Losses) -> Tensor:
-        """``losses`` as one ``[..., K]`` tensor (stacking a list, tuple or named mapping); changes nothing."""
-        if isinstance(losses, Tensor):
-            return losses.view(1) if losses.dim() == 0 else losses
-        if isinstance(losses, Mapping):
-            losses = self._names_to_order(losses)
-        if isinstance(losses, (list, tuple)) and losses and all(
-            isinstance(loss, Tensor) and loss.dim() == 0 for loss in losses
-        ):
-            return torch.stack(losses)
-        raise TypeError(
-            "losses must be a tensor of shape [..., K], a list/tuple of K 0-d tensors or, with task "
-            f"names, a mapping {{name: 0-d tensor}}; got {_describe(losses)}"
-        )
-
-    def _record(self, losses: Tensor, weight: float | Tensor | None) -> None:
-        if losses.dim() == 0 or losses.shape[-1] == 0 or not losses.is_floating_point():
-            raise ValueError(
-                f"losses must be a floating-point tensor of shape [..., K] with K >= 1, got shape "
-                f"{list(losses.shape)} and dtype {losses.dtype}; stack the task losses, "
-                "e.g. torch.stack([loss_a, loss_b])"
-            )
-        num_tasks = losses.shape[-1]
-        batched = losses.dim() > 1
-        if isinstance(weight, Tensor):  # checked before anything changes
-            weight = _check_weight(weight, losses)
-        elif weight is not None and not _is_compiling():
-            weight = check_batch_weight(weight, batched)
+        rows = self.as_losses(losses).detach()
+        batched = rows.dim() > 1
+        if isinstance(weight, Tensor):
+            weight = _checked_weight(weight, rows)
         elif weight is not None:
-            # A number is symbolic while compiling: its value cannot be checked
-            # here, so an invalid one poisons the epoch's weight below.
-            check_batch_weight(1.0, batched)
-        self._check_num_tasks(num_tasks)
-        self._follow(losses, num_tasks)
-        if self._num_tasks is None:
-            self._num_tasks = num_tasks  # fixed by the first batch; validated above
-        sums, stats, bases = self._sums, self._stats, self._bases
-        assert sums is not None and stats is not None and bases is not None
-        losses = losses.detach()
-        rows = losses.reshape(-1, num_tasks) if batched else losses
-
-        if weight is None and not batched:
-            _add_(sums, rows)
-            _add_(stats, self._unit)
-        elif weight is None:
-            _add_(sums, rows.sum(0, dtype=sums.dtype))
-            _add_(stats, bases[1] + bases[0] * rows.shape[0])  # weight += rows, batches += 1
-        elif isinstance(weight, Tensor):
-            # A negative or NaN per-row weight cannot raise here without a host
-            # sync: it turns the epoch's weight into NaN, which step() reports.
-            checked = torch.where(weight >= 0, weight, torch.nan).to(sums.dtype)
-            weighted = rows.to(sums.dtype) * checked.reshape(-1, 1) if batched else rows.to(sums.dtype) * checked
-            _add_(sums, weighted.sum(0) if batched else weighted)
-            # where(), not bases[0] * total: 0 * NaN would poison the batch count too.
-            _add_(stats, bases[1] + torch.where(bases[0] > 0, checked.sum(dtype=stats.dtype), 0.0))
+            # A number is symbolic while compiling: it is checked on the device below.
+            check_batch_weight(1.0 if _is_compiling() else weight, batched)
+        sums = self._prepare(rows)  # everything is checked: from here on, change
+        num_tasks = rows.shape[-1]
+        if weight is None:
+            sums.add_(rows.reshape(-1, num_tasks).sum(0, dtype=sums.dtype) if batched else rows)
+            self._weight.add_(rows.numel() // num_tasks)
         else:
-            # The product in the accumulator dtype, not alpha=weight: it is then
-            # rounded as in the NumPy and C++ histories (alpha= may fuse it), and
-            # the compiler does not specialise on the number (one graph per batch size).
-            _add_(sums, rows.to(sums.dtype) * weight)
-            increment = bases[0] * weight
-            if _is_compiling():  # symbolic there, so unchecked: an invalid one poisons the weight
-                increment = torch.where(increment >= 0, increment, torch.nan)
-            _add_(stats, bases[1] + increment)
+            if isinstance(weight, Tensor):
+                weight = weight.to(sums.dtype)
+            else:
+                weight = torch.full((), weight, dtype=sums.dtype, device=sums.device)
+            # A negative or NaN weight cannot raise here without a host sync: it turns the
+            # epoch's weight into NaN, which step() reports. The product is rounded before
+            # the add, as in the NumPy and C++ histories (add_(alpha=) may fuse the two).
+            weight = torch.where(weight >= 0, weight, math.nan)
+            weighted = rows.to(sums.dtype) * weight.unsqueeze(-1)
+            sums.add_(weighted.reshape(-1, num_tasks).sum(0) if batched else weighted)
+            self._weight.add_(weight.sum())
+        self._batches.add_(1)
 
-    def _replace(self, capacity: int, dtype: torch.dtype, device: torch.device, keep: bool = True) -> None:
-        """New state tensors (copying the running epoch when ``keep``), then rebind ``_sums``."""
-        old_sums, old_stats = self._sums, self._stats
-        stats_dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-        self._buffer = torch.zeros(capacity, dtype=dtype, device=device)
-        # (weight of the other batches, their count, count of unweighted [K] batches):
-        # the commonest batch then updates one element.
-        self._stats = torch.zeros(3, dtype=stats_dtype, device=device)
-        self._unit = torch.tensor([0.0, 0.0, 1.0], dtype=stats_dtype, device=device)
-        self._bases = torch.eye(2, 3, dtype=stats_dtype, device=device)  # (weight, count) increments
-        # On the CPU the eager hot path counts through a view of the same memory,
-        # at a twentieth of the cost of a tensor op.
-        # (Not while compiling, where the compiled path counts with tensor ops.)
-        self._host_counter = memoryview(self._stats.numpy()) if device.type == "cpu" and not _is_compiling() else None
-        for tensor in (self._buffer, self._stats, self._unit, self._bases):
-            _mark_static(tensor)
-        self._sums = None
-        if old_sums is not None:
-            self._bind(old_sums.shape[0])
-            if keep:
-                self._sums.copy_(old_sums)  # type: ignore[union-attr]  # float32 -> float64 is exact
-                self._stats.copy_(old_stats)
+    def _prepare(self, rows: Tensor) -> Tensor:
+        """The running sums for ``rows``: fixing K, following their device, widening the precision.
 
-    def _totals(self) -> Tensor:
-        """(batches, weight) of the running epoch, on the device."""
-        other_weight, other_batches, plain_batches = self._stats.unbind()
-        return torch.stack((other_batches + plain_batches, other_weight + plain_batches))
-
-    def _bind(self, num_tasks: int) -> None:
-        """Point ``_sums`` at the first K entries of the buffer (a view: no new storage)."""
-        if num_tasks > self._buffer.shape[0]:
-            self._replace(num_tasks, self._buffer.dtype, self._buffer.device, keep=False)
-        self._sums = self._buffer if num_tasks == self._buffer.shape[0] else self._buffer[:num_tasks]
-
-    def _follow(self, losses: Tensor, num_tasks: int) -> None:
-        """Bind the sums to K, move them to the losses' device and widen them to their precision.
-
-        Decided on metadata only (device, dtype), so the compiler resolves it
-        while tracing. Only binding happens in the usual compiled loop, and it
-        creates a view of existing storage: a compiled train step can then
-        also run backward() in the same graph.
+        Decided on metadata only, which the compiler resolves while tracing; in the
+        usual compiled loop (K known, losses on the state's device) nothing happens.
         """
-        if self._buffer.device != losses.device:
-            self.to(losses.device)
-        dtype = torch.promote_types(losses.dtype, torch.float32)
-        if self._buffer.dtype != dtype and torch.promote_types(self._buffer.dtype, dtype) == dtype:
-            self._replace(self._buffer.shape[0], dtype, self._buffer.device)
+        if rows.device != self.device:
+            self.to(rows.device)
         if self._sums is None:
-            self._bind(num_tasks)
+            self._epochs.num_tasks = rows.shape[-1]
+            self._sums = self._zeros(rows.shape[-1])
+        if rows.dtype == torch.float64 and self._dtype != torch.float64:
+            self._dtype = torch.float64
+        return self._sums
+
+    def _zeros(self, num_tasks: int) -> Tensor:
+        device = self.device
+        return state_tensor(lambda: torch.zeros(num_tasks, dtype=accumulator_dtype(device), device=device))
 
     def to(self, device: torch.device | str) -> DWAHistory:
-        """Move the running sums to ``device`` (their dtype never changes); returns ``self``.
+        """Move the running sums to ``device``; returns ``self``. From the ``meta`` device, they start at zero.
 
-        ``DWA.to(...)``/``.cuda()`` call this. The history also follows the
+        ``DWA.to(...)`` and ``.cuda()`` call this; the history also follows the
         device of the losses it records.
         """
-        device = torch.device(device)
-        if self._buffer.device != device:
-            buffer = self._buffer
-            self._replace(buffer.shape[0], buffer.dtype, device)
-            self._buffer.copy_(buffer)
+        device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        if device == self.device:
+            return self
+        dtype = accumulator_dtype(device)
+        fresh = self.device.type == "meta"  # a meta tensor holds no values to copy
+
+        def moved(tensor: Tensor) -> Tensor:
+            if fresh:
+                return state_tensor(lambda: torch.zeros(tensor.shape, dtype=dtype, device=device))
+            return state_tensor(lambda: tensor.to(device=device, dtype=dtype))
+
+        self._weight, self._batches = moved(self._weight), moved(self._batches)
+        if self._sums is not None:
+            self._sums = moved(self._sums)
         return self
 
-    @property
-    def device(self) -> torch.device:
-        """Where the running sums live."""
-        return self._buffer.device
-
     # ------------------------------------------------------------------ per epoch
-    def inputs(self) -> tuple[Tensor, Tensor]:
+    def step(self, temperature: float | None = None) -> None:
+        """Close the epoch: average what was recorded and roll the history.
+
+        ``L(t-2) <- L(t-1) <- this epoch's average``, and one entry is added to
+        :attr:`log`. A no-op when nothing was recorded (on any rank); only
+        zero-weight batches are dropped without an entry. Raises
+        :class:`LossHistoryError`, changing nothing, when the average is
+        non-finite, zero or changed sign, or the weights are invalid; under
+        ``torch.distributed``, :class:`RankMismatchError` on every rank when the
+        ranks disagree, and :class:`PartialEpochWarning` when a resumed epoch
+        lacks some ranks' earlier batches.
+
+        Args:
+            temperature: the temperature the next weights are computed with
+                (``DWA`` passes its own): saved in the log entry and, under
+                ``torch.distributed``, checked to be the same on every rank.
+        """
+        temperature = None if temperature is None else check_temperature(temperature)
+        epoch = self._group_epoch(Operation.STEP, temperature)
+        if epoch.batches == 0:
+            return
+        self._epochs.close(epoch.batches, epoch.weight, epoch.sums, temperature)
+        self._adopt(epoch)
+        if epoch.missing:
+            warnings.warn(partial_epoch_message(epoch.missing), PartialEpochWarning, stacklevel=2)
+        self._clear_epoch()
+
+    def log_weights(self, temperature: float, weights: Sequence[float] | Tensor) -> None:
+        """Store the temperature and the weights computed from the last :meth:`step` in its log entry.
+
+        ``DWA`` calls it after each step; with a kernel of your own, call it
+        too, so that the log (and ``dwa-export plot``) shows the weights.
+        """
+        self._epochs.log_weights(temperature, weights.tolist() if isinstance(weights, Tensor) else weights)
+
+    def inputs(self, device: torch.device | str | None = None) -> tuple[Tensor, Tensor]:
         """``(loss_t1, loss_t2)`` for :class:`DWAWeights`: the averages of epochs t-1 and t-2.
 
-        All ones (exactly uniform weights) during warm-up. On the device and in
-        the accumulation dtype (float32, or float64 for float64 losses) of the
-        recorded losses. Call it once per epoch, after :meth:`step`.
+        All ones (exactly uniform weights) during the warm-up; in :attr:`dtype`, on
+        ``device`` (default: the history's). Call it once per epoch, after :meth:`step`.
         """
-        loss_t1, loss_t2 = self._host_inputs()
-        dtype, device = self._buffer.dtype, self._buffer.device
-        pair = torch.tensor([loss_t1, loss_t2], dtype=torch.float64).to(dtype=dtype, device=device)
-        return pair[0], pair[1]
+        loss_t1, loss_t2 = self._epochs.inputs()
+        pair = torch.tensor([loss_t1, loss_t2], dtype=torch.float64, device="cpu").to(self._dtype)
+        loss_t1_out, loss_t2_out = pair.to(self.device if device is None else device).unbind()
+        return loss_t1_out, loss_t2_out
 
-    def _process(self) -> tuple[int, int]:
-        if self.distributed and dist.is_available() and dist.is_initialized():
-            return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
-        return 0, 1
+    def discard_epoch(self) -> None:
+        """Drop the batches recorded since the last :meth:`step`; the history stays."""
+        self._clear_epoch()
 
-    def _epoch_packet(self) -> list[float] | None:
-        """Every rank's slot and the summed loss sums, in one all-reduce (the epoch's one host sync)."""
-        rank, world_size = self._process()
-        if world_size == 1 and self._sums is None:
-            return None
-        device = self._collective_device()
-        dtype = torch.float32 if device.type == "mps" else torch.float64
-        slots = torch.zeros(world_size, SLOT_SIZE, dtype=dtype, device=device)
-        payload = torch.zeros(payload_size(self._num_tasks), dtype=dtype, device=device)
-        accumulator = None if self._sums is None else str(self._sums.dtype).removeprefix("torch.")
-        slots[rank] = torch.tensor(self._slot(0.0, 0.0, accumulator), dtype=dtype).to(device)
+    def reset(self) -> None:
+        """Forget the history, the log, this epoch's batches and a K learned from data.
+
+        A K (or task names) given to the constructor is kept.
+        """
+        self._epochs.reset()
+        if self._epochs.num_tasks is None:
+            self._sums = None  # K may change after a reset
+        self._clear_epoch()
+
+    def _clear_epoch(self) -> None:
         if self._sums is not None:
-            slots[rank, 3:5] = self._totals().to(device=device, dtype=dtype)
-            payload[: self._sums.shape[0]] = self._sums.to(device=device, dtype=dtype)
-        packet = torch.cat((slots.view(-1), payload))
-        if world_size > 1:
-            dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=self.process_group)
-        return packet.tolist()
+            self._sums.zero_()
+        self._weight.zero_()
+        self._batches.zero_()
+        self._share = Share.OWN
+        self._consolidated = None
 
-    def _collective_device(self) -> torch.device:
-        if self._process()[1] > 1 and dist.get_backend(self.process_group) == "nccl":
-            return torch.device("cuda", torch.cuda.current_device())
-        return self._buffer.device
+    def _adopt(self, epoch: GroupEpoch) -> None:
+        """Take the group's K and precision (a rank that recorded nothing may not know them)."""
+        if self._epochs.num_tasks is None:
+            self._epochs.num_tasks = epoch.num_tasks
+        self._dtype = getattr(torch, epoch.dtype)
+
+    def _local(self) -> tuple[int, float]:
+        """This rank's (batches, weight) this epoch: a host read, once per epoch."""
+        weight, batches = torch.cat((self._weight, self._batches)).tolist()
+        return int(batches), weight
+
+    def _rank(self) -> tuple[int, int] | None:
+        """``(rank, world_size)`` while ``torch.distributed`` is initialised (``None`` otherwise), remembered."""
+        process = rank_in(self.process_group) if self.distributed else None
+        if process is not None:
+            self._process = process
+        return process
+
+    def _group_epoch(self, operation: Operation, temperature: float | None = None) -> GroupEpoch:
+        batches, weight = self._local()
+        process = self._rank()
+        dtype = str(self._dtype).removeprefix("torch.")
+        if process is None or process[1] == 1:
+            sums = () if self._sums is None or batches == 0 else tuple(self._sums.tolist())
+            return GroupEpoch(self.num_tasks, dtype, batches, weight, sums, ())
+        header = Header(
+            operation=operation,
+            num_tasks=self.num_tasks or 0,
+            tasks=names_code(self.tasks),
+            dtype=DTYPES.index(dtype) + 1,
+            epochs=self.epochs,
+            temperature=temperature or 0.0,
+            allow_empty_ranks=int(self.allow_empty_ranks),
+            batches=batches,
+            weight=weight,
+            share=self._share.value,
+        )
+        return exchange(header, self._sums, *process, self.process_group)
 
     def consolidate_state_dict(self) -> None:
         """Gather every rank's running epoch so that any rank's :meth:`state_dict` resumes exactly.
 
-        A collective (one all-reduce): call it on every rank, right before
-        saving a mid-epoch checkpoint, like
-        ``ZeroRedundancyOptimizer.consolidate_state_dict``. Afterwards (until
-        the next :meth:`record` on this rank) :meth:`state_dict` holds the whole
+        A collective: call it on every rank, right before saving a mid-epoch
+        checkpoint, like ``ZeroRedundancyOptimizer.consolidate_state_dict``.
+        Until this rank records again, :meth:`state_dict` then holds the whole
         group's running epoch, so the file of rank 0 alone, or a
-        ``torch.distributed.checkpoint`` (which keeps one copy of such values),
-        resumes exactly on any number of processes. Training continues
-        unchanged: rank 0 keeps the group's sums, the others restart theirs.
-        A no-op without ``torch.distributed``.
+        ``torch.distributed.checkpoint``, resumes exactly on any number of
+        processes. Training is not changed. A no-op without ``torch.distributed``.
         """
-        rank, world_size = self._process()
-        if world_size == 1:
+        process = self._rank()
+        if process is None or process[1] == 1:
             return
-        reduced = self._reduce(mid_epoch=True)  # checks K, dtype and epochs agree
+        epoch = self._group_epoch(Operation.CONSOLIDATE)
         self._consolidated = None
-        if reduced is None:
-            return
-        num_tasks, slots, batches, weight, sums = reduced
-        if batches == 0:
-            return
-        dtypes = {code: name for name, code in DTYPE_CODES.items()}
-        dtype = dtypes[next(slot[1] for slot in slots if slot[3] > 0)]
-        if self._sums is None:
-            self._check_num_tasks(num_tasks)
-            self._num_tasks = num_tasks
-        # Rounded to the accumulator's precision, as one more add would be.
-        sums = tuple(torch.tensor(sums, dtype=torch.float64).to(getattr(torch, dtype)).tolist())
-        partial = Partial(None, world_size, dtype, batches, weight, sums)
-        self._set_partial(partial if rank == 0 else None)
-        self._consolidated = partial
+        if epoch.batches > 0:
+            self._adopt(epoch)
+            group = RunningEpoch(None, process[1], epoch.batches, epoch.weight, epoch.sums)
+            self._consolidated = (self._local()[0], group)
 
-    def _partial_for_state(self) -> Partial | None:
-        consolidated = self._consolidated
-        if consolidated is not None:
-            rank, _ = self._process()
-            local = self._local_partial()
-            expected = (consolidated.batches, consolidated.weight) if rank == 0 else None
-            if (None if local is None else (local[1], local[2])) == expected:
-                return consolidated  # nothing recorded here since consolidate_state_dict()
-        return super()._partial_for_state()
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The whole state, mid-epoch included, as a JSON-serialisable dict (the format: ``dwa_export._state``).
 
-    def _local_partial(self) -> tuple[str, int, float, Sequence[float]] | None:
-        if self._sums is None:
-            return None
-        batches, weight = self._totals().tolist()
-        if batches == 0:
-            return None
-        return str(self._sums.dtype).removeprefix("torch."), int(batches), weight, self._sums.tolist()
-
-    def _set_partial(self, partial: Partial | None) -> None:
-        self._consolidated = None
-        self._buffer.zero_()
-        self._stats.zero_()
-        if partial is None:
-            return
-        dtype = getattr(torch, partial.dtype)
-        if self._buffer.dtype != dtype:
-            self._replace(self._buffer.shape[0], dtype, self._buffer.device, keep=False)
-        self._sums = None
-        self._bind(len(partial.sums))
-        assert self._sums is not None
-        self._sums.copy_(torch.tensor(partial.sums, dtype=dtype))
-        self._stats.copy_(torch.tensor([partial.weight, float(partial.batches), 0.0], dtype=self._stats.dtype))
-
-    def reset(self) -> None:
-        super().reset()
-        if self._fixed_num_tasks is None:
-            self._sums = None  # K may change after a reset
-
-    def _clear_epoch(self) -> None:
-        super()._clear_epoch()
-        self._consolidated = None
-        self._buffer.zero_()
-        self._stats.zero_()
+        No collective: safe in ``if rank == 0: torch.save(...)``. Under
+        ``torch.distributed`` the running epoch is this rank's part only; see
+        :meth:`consolidate_state_dict` for checkpoints that any rank can resume.
+        """
+        self._rank()
+        rank, world_size = self._process
+        batches, weight = self._local()
+        if self._consolidated is not None and self._consolidated[0] == batches:
+            partial: RunningEpoch | None = self._consolidated[1]  # nothing recorded here since
+        elif batches == 0 or self._sums is None:
+            partial = None
+        else:
+            sums = tuple(self._sums.tolist())
+            partial = RunningEpoch(None if world_size == 1 else rank, world_size, batches, weight, sums)
+        epochs = self._epochs
+        dtype = str(self._dtype).removeprefix("torch.")
+        return HistoryState(epochs.num_tasks, epochs.tasks, dtype, epochs.averages, partial, tuple(epochs.log)).to_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        if self._num_tasks is None:
+        """Restore a :meth:`state_dict` (format version 2 or 3).
+
+        Raises ``ValueError`` naming the field, the value and what was expected,
+        changing nothing, if the state is malformed or does not fit this history
+        (another K or task names than the constructor's). The running epoch is
+        taken by the rank it belongs to (see ``consolidate_state_dict()``).
+        """
+        state = HistoryState.from_dict(state_dict)
+        self._epochs.check_fits(state)
+        self._rank()
+        partial, share = resolve_partial(state.partial, *self._process)
+        # Validated in full: the assignments below cannot fail half-way.
+        self._epochs.restore(state)
+        self._dtype = getattr(torch, state.dtype)
+        if state.num_tasks is None:
             self._sums = None
-        elif self._sums is None or self._sums.shape[0] != self._num_tasks:
-            self._sums = None
-            self._bind(self._num_tasks)
+        elif self._sums is None or self._sums.shape[0] != state.num_tasks:
+            self._sums = self._zeros(state.num_tasks)
+        self._clear_epoch()
+        self._share = share
+        if partial is not None:
+            assert self._sums is not None
+            self._sums.copy_(torch.tensor(partial.sums, dtype=torch.float64))
+            self._weight.fill_(partial.weight)
+            self._batches.fill_(partial.batches)
 
     def __repr__(self) -> str:
-        tasks = "" if self._tasks is None else f", tasks={list(self._tasks)}"
+        tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
         return (
-            f"{type(self).__name__}(num_tasks={self._num_tasks}{tasks}, epochs_stored={len(self._averages)}, "
+            f"{type(self).__name__}(num_tasks={self.num_tasks}{tasks}, epochs_stored={len(self.averages)}, "
             f"device={self.device}, distributed={self.distributed})"
         )
 
@@ -450,12 +476,12 @@ def _describe(value: object) -> str:
     return type(value).__name__
 
 
-def _check_weight(weight: Tensor, losses: Tensor) -> Tensor:
+def _checked_weight(weight: Tensor, losses: Tensor) -> Tensor:
     """A detached tensor weight with exactly one weight per row of ``losses``."""
     batch_shape = losses.shape[:-1]
     if weight.device != losses.device:
         raise ValueError(f"weight is on {weight.device} but losses are on {losses.device}; move it")
-    if not (weight.is_floating_point() or weight.dtype in (torch.int32, torch.int64, torch.int16, torch.uint8)):
+    if weight.is_complex() or weight.dtype == torch.bool:
         raise TypeError(f"weight must be a real tensor, got dtype {weight.dtype}")
     if weight.shape != batch_shape:
         raise ValueError(

@@ -75,8 +75,8 @@ def read_checkpoint(path: Path) -> Any:
 def load_log(checkpoint: Any, temperature: float = 2.0) -> tuple[list[dict[str, Any]], list[str], str]:
     """The DWA log of the state inside ``checkpoint``, task names, and a note on where it came from.
 
-    A ``DWAHistory`` state has no temperature or weights: its weights are
-    computed from its averages at ``temperature`` (the note says so).
+    A ``DWAHistory`` state holds weights only where ``log_weights()`` was called;
+    the others are computed from its averages at ``temperature`` (the note says so).
     """
     path, state, is_dwa = find_state(checkpoint)
     where = f"the state at {path or 'the top level'}"
@@ -87,7 +87,7 @@ def load_log(checkpoint: Any, temperature: float = 2.0) -> tuple[list[dict[str, 
             dwa = DWA()
             dwa.set_extra_state(state)
             return dwa.log, _names(dwa.tasks, dwa.history.num_tasks), where
-        from ._history_core import check_temperature
+        from ._epochs import check_temperature
         from ._numpy_history import NumpyDWAHistory
 
         check_temperature(temperature)
@@ -97,17 +97,19 @@ def load_log(checkpoint: Any, temperature: float = 2.0) -> tuple[list[dict[str, 
         raise PlotError(f"{where} is not a valid DWA state: {error}") from None
     from ._reference import reference_weights
 
-    log = []
+    log, computed = [], False
     for i, entry in enumerate(history.log):
         previous = history.log[i - 1]["averages"] if i else None
-        weights = None
-        if previous is not None:
-            weights = reference_weights(entry["averages"], previous, temperature).tolist()
-        else:  # the first average leaves the weights of the next epoch uniform
-            weights = [1.0] * len(entry["averages"])
         rates = None if previous is None else [a / p for a, p in zip(entry["averages"], previous)]
-        log.append(dict(entry, rates=rates, temperature=temperature, weights=weights))
-    note = f"{where} (a DWAHistory state: weights computed at T={temperature:g})"
+        if entry["weights"] is None:
+            computed = True
+            entry = dict(entry, temperature=temperature)
+            if previous is None:  # the first average leaves the weights of the next epoch uniform
+                entry["weights"] = [1.0] * len(entry["averages"])
+            else:
+                entry["weights"] = reference_weights(entry["averages"], previous, temperature).tolist()
+        log.append(dict(entry, rates=rates))
+    note = f"{where} (a DWAHistory state: weights computed at T={temperature:g})" if computed else where
     return log, _names(history.tasks, history.num_tasks), note
 
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from ._history_core import LossHistoryError
+from ._epochs import LossHistoryError
 from ._numpy_history import NumpyDWAHistory
 
 __all__ = ["DWAWeightsSession", "LossHistoryError", "NumpyDWAHistory"]

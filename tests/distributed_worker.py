@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dwa_export import DWA, PartialEpochWarning, RankMismatchError
+from dwa_export import DWA, DWAHistory, PartialEpochWarning, RankMismatchError
 
 K = 3
 EPOCHS = 6
@@ -53,7 +53,7 @@ def train(dwa: DWA, rank: int, world_size: int, start=(0, 0), stop=None, device=
 
 
 class CountingAllReduce:
-    """Counts the all-reduces that step() issues (the test asserts one per epoch)."""
+    """Counts the all-reduces that step() issues (the test asserts two per epoch)."""
 
     def __init__(self) -> None:
         self.calls = 0
@@ -71,13 +71,23 @@ class CountingAllReduce:
         dist.all_reduce = self.original
 
 
-def resume(dwa: DWA, rank: int, world_size: int, device: str) -> dict:
-    """Continue from STOP with a freshly loaded DWA, catching the warnings of the resumed epoch."""
+def resume(dwa: DWA, rank: int, world_size: int, device: str, start=STOP) -> dict:
+    """Continue from ``start`` with a freshly loaded DWA, catching the warnings of the resumed epoch."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        weights = train(dwa, rank, world_size, start=STOP, device=device)
+        weights = train(dwa, rank, world_size, start=start, device=device)
     messages = [str(w.message) for w in caught if issubclass(w.category, PartialEpochWarning)]
     return {"weights": weights, "log": dwa.log, "warnings": messages}
+
+
+# Histories that differ between ranks, each caught by step() on every rank.
+MISMATCHES = {
+    "k_mismatch": lambda rank: DWA(num_tasks=K if rank == 0 else K - 1),
+    "k_mismatch_large": lambda rank: DWA(num_tasks=100 if rank == 0 else 99),
+    "tasks_order": lambda rank: DWA(tasks=("a", "b") if rank == 0 else ("b", "a")),
+    "temperature_mismatch": lambda rank: DWA(temperature=2.0 if rank == 0 else 1.0, num_tasks=K),
+    "allow_empty_mismatch": lambda rank: DWA(num_tasks=K, allow_empty_ranks=rank == 0),
+}
 
 
 def scenario(name: str, rank: int, world_size: int, workdir: Path, device: str) -> dict:
@@ -159,15 +169,6 @@ def scenario(name: str, rank: int, world_size: int, workdir: Path, device: str) 
             return {"error": type(error).__name__, "message": str(error), "counts": list(error.counts)}
         return {"error": None}
 
-    if name == "k_mismatch":
-        dwa = DWA(num_tasks=K if rank == 0 else K - 1).to(device)
-        dwa(torch.ones(dwa.history.num_tasks, device=device))
-        try:
-            dwa.step()
-        except RankMismatchError as error:
-            return {"error": type(error).__name__, "message": str(error)}
-        return {"error": None}
-
     if name == "uneven_opt_in":  # data that really is uneven: the last rank sees nothing in epoch 1
         dwa = DWA(num_tasks=K, allow_empty_ranks=True).to(device)
         weights = []
@@ -178,6 +179,75 @@ def scenario(name: str, rank: int, world_size: int, workdir: Path, device: str) 
             dwa.step()
             weights.append(dwa.weights.tolist())
         return {"weights": weights, "log": dwa.log}
+
+    if name == "empty_rank_without_k":  # the same, without num_tasks, and the last rank empty in epoch 0
+        dwa = DWA(allow_empty_ranks=True).to(device)
+        weights = []
+        for epoch in range(4):
+            for i, losses in enumerate(global_batches(epoch)):
+                if i % world_size == rank and not (epoch == 0 and rank == world_size - 1):
+                    dwa(torch.tensor(losses, device=device))
+            dwa.step()
+            weights.append(dwa.weights.tolist())
+        return {"weights": weights, "log": dwa.log}
+
+    if name in MISMATCHES:  # the ranks' histories differ: every rank must raise, nothing may hang
+        dwa = MISMATCHES[name](rank)
+        try:
+            dwa(torch.ones(dwa.history.num_tasks, device=device))
+            dwa.step()
+        except RankMismatchError as error:
+            return {"error": type(error).__name__, "message": str(error), "log": dwa.log}
+        return {"error": None}
+
+    if name == "consolidate_at_the_last_batch":  # a checkpoint on the epoch's last batch, then its step()
+        dwa = DWA(num_tasks=K).to(device)
+        stop = (STOP[0], BATCHES)  # every batch of the epoch recorded, step() not yet called
+        train(dwa, rank, world_size, stop=stop, device=device)
+        dwa.consolidate_state_dict()
+        state = dwa.state_dict()
+        weights = train(dwa, rank, world_size, start=stop, device=device)  # carries on unchanged
+        fresh = DWA(num_tasks=K).to(device)
+        fresh.load_state_dict(state)
+        return {"weights": weights, "resumed": resume(fresh, rank, world_size, device, start=stop)}
+
+    if name == "rank0_file_at_the_last_batch":  # e.g. Lightning's validation-end checkpoint under DDP
+        dwa = DWA(num_tasks=K).to(device)
+        stop = (STOP[0], BATCHES)
+        train(dwa, rank, world_size, stop=stop, device=device)
+        if rank == 0:
+            torch.save(dwa.state_dict(), workdir / "last_batch.pt")
+        barrier()
+        fresh = DWA(num_tasks=K).to(device)
+        fresh.load_state_dict(torch.load(workdir / "last_batch.pt", weights_only=True))
+        return resume(fresh, rank, world_size, device, start=stop)
+
+    if name == "consolidate_paired_with_step":  # a collective called on some ranks only
+        dwa = DWA(num_tasks=K).to(device)
+        train(dwa, rank, world_size, stop=STOP, device=device)
+        before = dwa.state_dict()
+        try:
+            dwa.consolidate_state_dict() if rank == 0 else dwa.step()
+        except RankMismatchError as error:
+            return {"error": type(error).__name__, "message": str(error), "unchanged": dwa.state_dict() == before}
+        return {"error": None}
+
+    if name == "not_a_member":  # a history over a group this rank is not in
+        group = dist.new_group([0])
+        try:
+            history = DWAHistory(process_group=group)
+        except RuntimeError as error:
+            return {"error": str(error)}
+        history.record(torch.ones(2))
+        history.step()  # a group of one: local
+        return {"error": None, "log": history.log}
+
+    if name == "state_after_destroy":  # last: the process group is gone afterwards
+        dwa = DWA(num_tasks=K).to(device)
+        train(dwa, rank, world_size, stop=STOP, device=device)
+        dist.destroy_process_group()
+        torch.save(dwa.state_dict(), workdir / f"after_destroy_rank{rank}.pt")
+        return {}
 
     raise ValueError(f"unknown scenario {name}")
 
@@ -197,9 +267,11 @@ def main() -> None:
             except Exception:  # report, and keep the ranks in step for the next scenario
                 result = {"crash": traceback.format_exc()}
             print(json.dumps({"scenario": name, **result}), flush=True)
-            dist.barrier()
+            if dist.is_initialized():
+                dist.barrier()
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
     os._exit(0)
 
 

@@ -39,7 +39,17 @@ SCENARIOS_2 = [
     "load_from_one_process",
     "extra_step",
     "k_mismatch",
+    "k_mismatch_large",
+    "tasks_order",
+    "temperature_mismatch",
+    "allow_empty_mismatch",
     "uneven_opt_in",
+    "empty_rank_without_k",
+    "consolidate_at_the_last_batch",
+    "rank0_file_at_the_last_batch",
+    "consolidate_paired_with_step",
+    "not_a_member",
+    "state_after_destroy",  # last: it destroys the process group
 ]
 SCENARIOS_3 = ["uninterrupted", "per_rank_files", "rank0_file_consolidated", "extra_step"]
 
@@ -93,13 +103,13 @@ def pooled_reference(epochs: int = EPOCHS, temperature: float = 2.0) -> list[np.
     return out
 
 
-def lost_rank_reference(kept_before_stop: list[int]) -> list[np.ndarray]:
-    """The documented outcome when only some ranks' batches before STOP survive the checkpoint."""
+def lost_rank_reference(kept_before_stop: list[int], stop=STOP) -> list[np.ndarray]:
+    """The documented outcome when only some ranks' batches before ``stop`` survive the checkpoint."""
     averages, out = [], []
     for epoch in range(EPOCHS):
         batches = global_batches(epoch)
-        if epoch == STOP[0]:
-            batches = [b for i, b in enumerate(batches) if i >= STOP[1] or i in kept_before_stop]
+        if epoch == stop[0]:
+            batches = [b for i, b in enumerate(batches) if i >= stop[1] or i in kept_before_stop]
         averages.append(np.array(batches, dtype=np.float32).astype(np.float64).mean(0))
         out.append(np.ones(K) if len(averages) < 2 else dwa_weights(averages[-1], averages[-2], 2.0))
     return out
@@ -143,7 +153,7 @@ def assert_logs_match(got: list[dict], want: list[dict]) -> None:
 
 
 @pytest.mark.parametrize("world", ["two_ranks", "three_ranks"])
-def test_every_rank_gets_the_pooled_weights_and_the_same_log_with_one_all_reduce_per_step(world, request):
+def test_every_rank_gets_the_pooled_weights_and_the_same_log_with_two_small_all_reduces_per_step(world, request):
     results = request.getfixturevalue(world)
     first = results[0]["uninterrupted"]
     assert_weights(first["weights"], pooled_reference())
@@ -151,7 +161,7 @@ def test_every_rank_gets_the_pooled_weights_and_the_same_log_with_one_all_reduce
         assert other["uninterrupted"]["weights"] == first["weights"]  # bit-identical across ranks
         assert other["uninterrupted"]["log"] == first["log"]
     assert [entry["batches"] for entry in first["log"]] == [BATCHES] * EPOCHS
-    assert all(r["uninterrupted"]["all_reduce_per_step"] == 1 for r in results)
+    assert all(r["uninterrupted"]["all_reduce_per_step"] == 2 for r in results)  # the header, then the K sums
 
 
 # --------------------------------------------------------------------------- mid-epoch checkpoint recipes
@@ -246,17 +256,69 @@ def test_a_rank_that_steps_once_too_often_raises_on_every_rank(world, request):
         assert outcome["counts"][-1] == 0 and all(c > 0 for c in outcome["counts"][:-1])
 
 
-def test_ranks_that_disagree_on_k_get_a_clear_error_not_a_hang(two_ranks):
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("k_mismatch", "the number of tasks (rank 0: K=3, rank 1: K=2)"),
+        ("k_mismatch_large", "the number of tasks (rank 0: K=100, rank 1: K=99)"),  # no abort inside gloo
+        ("tasks_order", "the task names or their order"),
+        ("temperature_mismatch", "the temperature (rank 0: 2.0, rank 1: 1.0)"),
+        ("allow_empty_mismatch", "allow_empty_ranks (rank 0: True, rank 1: False)"),
+    ],
+)
+def test_ranks_whose_histories_differ_get_a_clear_error_on_every_rank(two_ranks, case, message):
     for rank_results in two_ranks:
-        outcome = rank_results["k_mismatch"]
-        assert outcome["error"] == "RankMismatchError"
-        assert "rank 0: K=3, rank 1: K=2" in outcome["message"]
+        outcome = rank_results[case]
+        assert outcome["error"] == "RankMismatchError" and message in outcome["message"], outcome
+        assert outcome["log"] == []  # nothing changed
 
 
 def test_really_uneven_data_can_opt_in(two_ranks):
     results = [r["uneven_opt_in"] for r in two_ranks]
     assert results[0] == results[1]
     assert results[0]["log"][1]["batches"] == 3  # rank 1's two batches of epoch 1 never happened
+
+
+def test_an_empty_rank_without_num_tasks_learns_k_from_the_others(two_ranks):
+    results = [r["empty_rank_without_k"] for r in two_ranks]
+    assert results[0] == results[1]
+    assert [entry["batches"] for entry in results[0]["log"]] == [3, 5, 5, 5]
+
+
+def test_a_checkpoint_on_the_last_batch_of_an_epoch(two_ranks):
+    uninterrupted = two_ranks[0]["uninterrupted"]["weights"][STOP[0] :]
+    for rank_results in two_ranks:
+        consolidated = rank_results["consolidate_at_the_last_batch"]
+        assert_weights(consolidated["weights"], uninterrupted)  # consolidate_state_dict() changed nothing
+        assert consolidated["resumed"]["warnings"] == []
+        assert_weights(consolidated["resumed"]["weights"], uninterrupted)
+        # Rank 0's file without consolidation, where Lightning's validation-end checkpoint lands:
+        # the documented warning and outcome, not an error.
+        plain = rank_results["rank0_file_at_the_last_batch"]
+        (message,) = plain["warnings"]
+        assert "rank(s) [1]" in message
+        kept = [i for i in range(BATCHES) if i % 2 == 0]  # rank 0's
+        assert_weights(plain["weights"], lost_rank_reference(kept, stop=(STOP[0], BATCHES))[STOP[0] :])
+
+
+def test_a_collective_called_on_some_ranks_only_is_caught_on_every_rank(two_ranks):
+    for rank_results in two_ranks:
+        outcome = rank_results["consolidate_paired_with_step"]
+        assert outcome["error"] == "RankMismatchError" and outcome["unchanged"], outcome
+        assert "rank 0: consolidate_state_dict(), rank 1: step()" in outcome["message"]
+
+
+def test_a_rank_outside_the_process_group_gets_a_clear_error(two_ranks):
+    assert two_ranks[0]["not_a_member"]["error"] is None
+    assert "not a member of the history's process_group" in two_ranks[1]["not_a_member"]["error"]
+
+
+def test_a_mid_epoch_state_taken_after_the_group_is_gone_says_whose_it_is(two_ranks, one_process_checkpoint):
+    for rank in (0, 1):
+        state = torch.load(one_process_checkpoint / f"after_destroy_rank{rank}.pt", weights_only=True)
+        assert state["_extra_state"]["history"]["partial"][:2] == [rank, 2]  # this rank's part of 2
+        with pytest.raises(ValueError, match=f"saved mid-epoch by rank {rank} of 2 processes"):
+            DWA(num_tasks=K).load_state_dict(state)
 
 
 # --------------------------------------------------------------------------- NCCL

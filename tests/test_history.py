@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gc
 import io
 import json
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -278,14 +280,18 @@ def test_resuming_from_a_checkpoint_reproduces_the_weights_exactly(stop_in_epoch
         (lambda s: s.update(tasks=["a", "a"]), "distinct"),
         (lambda s: s.update(tasks=["a"]), "num_tasks=2 but 1 task names"),
         (lambda s: s.update(tasks=["a", "\ud800"]), "non-empty string"),
-        (lambda s: s["partial"].__setitem__(2, "float"), "dtype in 'partial' must be one of"),
-        (lambda s: s["partial"].__setitem__(2, "float8_e4m3fn"), "dtype in 'partial' must be one of"),
-        (lambda s: s["partial"].__setitem__(4, -0.5), "weight in 'partial' must be >= 0"),
-        (lambda s: s["partial"].__setitem__(3, 0), "batch count in 'partial' must be an int from 1"),
-        (lambda s: s["partial"].__setitem__(3, True), "batch count in 'partial' must be an int"),
-        (lambda s: s["partial"].__setitem__(5, [1.0]), "sums in 'partial' must be a list of 2"),
-        (lambda s: s["partial"].__setitem__(5, [0.1, 1.0]), "must be float32 values"),
-        (lambda s: s["partial"].__setitem__(5, [10**400, 1.0]), "beyond the float range"),
+        (lambda s: s.update(dtype="float16"), "'dtype' must be one of"),
+        (lambda s: s.update(dtype=None), "'dtype' must be one of"),
+        (lambda s: s["partial"].__setitem__(3, -0.5), "weight in 'partial' must be >= 0"),
+        (lambda s: s["partial"].__setitem__(2, 0), "batch count in 'partial' must be an int from 1"),
+        (lambda s: s["partial"].__setitem__(2, True), "batch count in 'partial' must be an int"),
+        (lambda s: s["partial"].__setitem__(4, [1.0]), "sums in 'partial' must be a list of 2"),
+        (lambda s: s["partial"].__setitem__(4, [10**400, 1.0]), "beyond the float range"),
+        (lambda s: s["partial"].insert(2, "float32"), "'partial' must be None or"),  # a version-2 partial
+        (lambda s: s["log"]["temperature"].__setitem__(0, -1.0), r"log temperature\[0\] must be None or finite"),
+        (lambda s: s["log"]["weights"].__setitem__(1, [1.0]), r"log weights\[1\] must be a list of 2"),
+        (lambda s: s["log"]["weights"].__setitem__(1, [1.0, -1.0]), r"log weights\[1\] must be None or numbers >= 0"),
+        (lambda s: s["log"].pop("weights"), "'log' must be a dict with keys"),
         (lambda s: s["partial"].__setitem__(0, 3), "rank in 'partial' must be None for a single process"),
         (lambda s: s.update(partial={"sums": [1.0, 1.0]}), "'partial' must be None or"),
         (lambda s: s["log"].update(weight=[1.0]), "columns of 'log' must be lists of one length"),
@@ -363,14 +369,22 @@ def test_the_per_batch_path_never_synchronises(monkeypatch):
     assert history.averages[-1] == pytest.approx((0.5 + 16 * 1.0 + 6 * 0.5) / 23 * np.array([1.0, 1.4, 1.8]))
 
 
-def test_record_detaches():
+def test_record_keeps_no_autograd_graph_alive():
+    # The sums are detached: the graphs of the recorded losses are freed with them.
     history = DWAHistory()
-    losses = torch.tensor([0.5, 0.7], requires_grad=True)
-    history.record(losses * 3)
-    history.record(losses, weight=torch.tensor(2.0, requires_grad=True))
-    history.record(losses.expand(2, 2), weight=torch.tensor([1.0, 2.0], requires_grad=True))
-    assert not history._sums.requires_grad and not history._stats.requires_grad
-    assert losses.grad is None
+    leaf = torch.tensor([0.5, 0.7], requires_grad=True)
+    for weight in (None, torch.tensor(2.0, requires_grad=True)):
+        factor = torch.tensor(3.0)
+        losses = leaf * factor  # its graph holds on to factor, for the gradient of leaf
+        alive = weakref.ref(factor)
+        history.record(losses, weight)
+        del losses, factor
+        gc.collect()
+        assert alive() is None
+    history.record(leaf.expand(2, 2), weight=torch.tensor([1.0, 2.0], requires_grad=True))
+    history.step()
+    assert history.averages[-1] == pytest.approx((1.5 * 3 / 6 + 0.5 * 3 / 6, 2.1 * 3 / 6 + 0.7 * 3 / 6))
+    assert not any(t.requires_grad for t in history.inputs()) and leaf.grad is None
 
 
 # --------------------------------------------------------------------------- input forms
@@ -483,7 +497,8 @@ def test_the_log_has_one_entry_per_successful_step_equal_to_a_float64_reference(
     history.step()  # nothing recorded: no entry either
     assert history.log == log
     history.reset()
-    assert history.log == [] and history.state_dict()["log"] == {"batches": [], "weight": [], "averages": []}
+    assert history.log == []
+    assert history.state_dict()["log"] == {"batches": [], "weight": [], "averages": [], "temperature": [], "weights": []}
 
 
 def test_the_log_survives_a_checkpoint():
@@ -497,35 +512,69 @@ def test_the_log_survives_a_checkpoint():
     assert resumed.log == uninterrupted.log
 
 
-# --------------------------------------------------------------------------- version 1 checkpoints
+# --------------------------------------------------------------------------- older checkpoints
 
 
-def test_a_version_1_checkpoint_still_loads_and_resumes_exactly():
-    # What dwa_export 0.1 wrote mid-epoch after two epochs and 2 batches
-    # (one plain, one tensor-weighted), written out by hand.
-    v1 = {
+def test_a_version_2_checkpoint_loads_and_resumes_exactly():
+    # What the previous format wrote mid-epoch after two epochs and 3 batches, by hand:
+    # the dtype third in 'partial', and a log without temperatures and weights.
+    v2 = {
         "format": "dwa_export.history",
-        "version": 1,
+        "version": 2,
         "num_tasks": 2,
+        "tasks": ["seg", "depth"],
         "averages": [[1.0, 2.0], [0.75, 1.5]],
-        "dtype": "float32",
-        "epoch_sum": [1.5, 3.0],
-        "epoch_weight": 1.0,
-        "epoch_tensor_weight": 2.0,
+        "partial": [None, 1, "float64", 3, 4.0, [2.0, 4.0]],
+        "log": {"batches": [2, 3], "weight": [2.0, 3.0], "averages": [[1.0, 2.0], [0.75, 1.5]]},
     }
     history = DWAHistory()
-    history.load_state_dict(v1)
-    assert history.state_dict()["partial"] == [None, 1, "float32", 1, 3.0, [1.5, 3.0]]
-    history.record(torch.tensor([0.5, 1.0]))
+    history.load_state_dict(v2)
+    assert history.tasks == ("seg", "depth") and history.dtype == torch.float64
+    assert history.log[1] == {"epoch": 1, "averages": [0.75, 1.5], "batches": 3, "weight": 3.0, "temperature": None, "weights": None}
+    history.record(torch.tensor([1.0, 1.0]))
     history.step()
-    assert history.averages == ((0.75, 1.5), (2.0 / 4, 4.0 / 4))
-    assert history.log[0]["batches"] == 2  # the running epoch counts as one batch
-    # An epoch-boundary v1 state (zero weight) has no running epoch.
-    empty = dict(v1, epoch_sum=[0.0, 0.0], epoch_weight=0.0, epoch_tensor_weight=None)
-    history.load_state_dict(empty)
-    assert history.state_dict()["partial"] is None and history.ready
-    with pytest.raises(ValueError, match="'epoch_weight' must be a number >= 0"):
-        history.load_state_dict(dict(v1, epoch_weight=-0.5))
+    assert history.averages == ((0.75, 1.5), (3.0 / 5, 5.0 / 5))  # (2 + 1) / (4 + 1), (4 + 1) / 5
+    assert history.log[-1]["batches"] == 4
+    assert history.state_dict()["version"] == 3
+    with pytest.raises(ValueError, match=r"the dtype in 'partial' must be one of"):
+        history.load_state_dict(dict(v2, partial=[None, 1, "float16", 3, 4.0, [2.0, 4.0]]))
+    with pytest.raises(ValueError, match=r"'partial' must be None or \[rank, world_size, dtype"):
+        history.load_state_dict(dict(v2, partial=[None, 1, 3, 4.0, [2.0, 4.0]]))  # a version-3 partial
+
+
+def test_a_version_1_checkpoint_is_a_clear_error_naming_its_version():
+    v1 = {"format": "dwa_export.history", "version": 1, "num_tasks": 2, "averages": [], "dtype": None,
+          "epoch_sum": None, "epoch_weight": 0.0, "epoch_tensor_weight": None}  # fmt: skip
+    history = DWAHistory()
+    with pytest.raises(ValueError, match="'version' is 1; this dwa_export reads versions 2 and 3"):
+        history.load_state_dict(v1)
+    assert history.num_tasks is None
+
+
+def test_a_history_in_use_takes_the_k_of_a_checkpoint_it_loads():
+    source = DWAHistory()
+    run(source, [[[1.0, 2.0, 3.0]], [[0.5, 1.5, 2.5]]])
+    source.record(torch.tensor([0.4, 1.4, 2.4]))
+    target = DWAHistory()
+    target.record(torch.tensor([9.0, 9.0]))  # K = 2, mid-epoch
+    target.load_state_dict(source.state_dict())
+    assert target.num_tasks == 3 and target.state_dict() == source.state_dict()
+    target.record(torch.tensor([0.6, 1.6, 2.6]))
+    target.step()
+    assert target.averages[-1] == pytest.approx((0.5, 1.5, 2.5))
+
+
+def test_float64_sums_hold_a_long_epoch():
+    # 100,000 batches of ~1 with 1% noise: float32 running sums drift by ~1e-4
+    # relative here; float64 ones stay at the rounding of the float32 losses.
+    gen = torch.Generator().manual_seed(0)
+    losses = (1 + 0.01 * torch.randn(100_000, 3, generator=gen)) * torch.tensor([1.0, 2.0, 0.5])
+    history = DWAHistory(num_tasks=3)
+    for row in losses:
+        history.record(row)
+    history.step()
+    reference = losses.double().numpy().mean(0)
+    np.testing.assert_allclose(history.averages[-1], reference, rtol=1e-12)
 
 
 def test_repr_names_the_state():

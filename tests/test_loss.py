@@ -137,8 +137,9 @@ def test_state_dict_round_trip_inside_a_model_mid_epoch():
         (lambda s: s.update(temperature=-1.0), "temperature must be finite and > 0"),
         (lambda s: s["history"].update(version=7), "'version' is 7"),
         (lambda s: s["history"].update(tasks=["p", "q"]), r"task names \['p', 'q'\] differ"),
-        (lambda s: s["log"].update(weights=[]), "one entry per history log entry"),
-        (lambda s: s["log"]["weights"].__setitem__(0, [1.0, -1.0]), "finite numbers >= 0"),
+        (lambda s: s["history"]["log"].update(weights=[]), "columns of 'log' must be lists of one length"),
+        (lambda s: s["history"]["log"]["weights"].__setitem__(0, [1.0, -1.0]), "numbers >= 0"),
+        (lambda s: s.update(log={"temperature": [], "weights": []}), "needs a version-2 history"),
     ],
 )
 def test_a_rejected_state_changes_nothing(mutate, match):
@@ -381,27 +382,29 @@ def test_a_temperature_change_updates_the_last_log_entry():
     assert dwa.log[-2]["temperature"] == 2.0
 
 
-def test_a_version_1_dwa_checkpoint_loads():
-    v1 = {
+def test_a_dwa_checkpoint_of_the_previous_format_loads_with_its_log():
+    # Format version 2: DWA kept the log's temperatures and weights beside the history.
+    v2 = {
         "_extra_state": {
             "temperature": 1.5,
             "history": {
                 "format": "dwa_export.history",
-                "version": 1,
+                "version": 2,
                 "num_tasks": 2,
+                "tasks": None,
                 "averages": [[1.0, 2.0], [0.75, 1.5]],
-                "dtype": "float32",
-                "epoch_sum": [0.0, 0.0],
-                "epoch_weight": 0.0,
-                "epoch_tensor_weight": None,
+                "partial": None,
+                "log": {"batches": [4, 4], "weight": [4.0, 4.0], "averages": [[1.0, 2.0], [0.75, 1.5]]},
             },
+            "log": {"temperature": [1.5, 1.5], "weights": [[1.0, 1.0], [0.9, 1.1]]},
         }
     }
     dwa = DWA()
-    dwa.load_state_dict(v1)
-    assert dwa.temperature == 1.5 and dwa.log == []
-    np.testing.assert_allclose(dwa.weights.numpy(), epoch_weights([[[1.0, 2.0]], [[0.75, 1.5]], [[1, 1]]], 1.5)[2], atol=1e-6)
-
+    dwa.load_state_dict(v2)
+    assert dwa.temperature == 1.5
+    assert [entry["temperature"] for entry in dwa.log] == [1.5, 1.5] and dwa.log[1]["weights"] == [0.9, 1.1]
+    expected = epoch_weights([[[1.0, 2.0]], [[0.75, 1.5]], [[1, 1]]], 1.5)[2]
+    np.testing.assert_allclose(dwa.weights.numpy(), expected, atol=1e-6)
 
 
 def test_the_log_stays_aligned_when_the_history_is_reset_or_stepped_directly():
@@ -417,3 +420,63 @@ def test_the_log_stays_aligned_when_the_history_is_reset_or_stepped_directly():
     dwa.history.step()  # stepped directly: DWA knows no temperature or weights for it
     assert dwa.log[-1]["weights"] is None and dwa.log[-1]["temperature"] is None
     assert dwa.log[0]["weights"] == [1.0, 1.0]
+
+
+# --------------------------------------------------------------------------- what reviews found
+
+
+def test_many_tasks_without_num_tasks():
+    k = 100
+    gen = torch.Generator().manual_seed(0)
+    epochs = [[(torch.rand(k, generator=gen) + 0.5).tolist() for _ in range(2)] for _ in range(4)]
+    dwa = DWA()
+    for batches in epochs:
+        for losses in batches:
+            dwa(torch.tensor(losses))
+        dwa.step()
+    np.testing.assert_allclose(dwa.weights.numpy(), epoch_weights(epochs + [[[1.0] * k]], 2.0)[-1], atol=1e-6)
+    before = dwa.state_dict()
+    with pytest.raises(ValueError, match="losses have 101 tasks"):
+        dwa(torch.ones(k + 1))
+    assert str(dwa.state_dict()) == str(before)  # the failed call recorded nothing
+
+
+@pytest.mark.parametrize("losses", [torch.tensor([3, 4]), torch.tensor([True, False]), torch.tensor([1 + 2j, 3 + 0j])])
+def test_training_and_eval_mode_refuse_the_same_losses(losses):
+    dwa = DWA(num_tasks=2)
+    messages = []
+    for mode in (dwa.train, dwa.eval):
+        mode()
+        with pytest.raises(ValueError, match="floating-point tensor") as info:
+            dwa(losses)
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    with pytest.raises(ValueError, match="losses have 3 tasks"):
+        dwa.eval()(torch.ones(3))
+
+
+def test_the_weights_handed_out_do_not_change_afterwards():
+    dwa = DWA()
+    kept = []
+    for epoch, batches in enumerate(EPOCHS):
+        for losses in batches:
+            dwa(torch.tensor(losses))
+        dwa.step()
+        kept.append(dwa.weights)
+    expected = epoch_weights(EPOCHS + [[[1.0, 1.0, 1.0]]], 2.0)[1:]
+    np.testing.assert_allclose(torch.stack(kept).numpy(), expected, atol=1e-6)
+    assert not torch.equal(kept[2], kept[3])
+
+
+def test_the_log_keeps_its_temperatures_when_the_history_state_round_trips():
+    dwa = DWA(temperature=0.5)
+    for batches in EPOCHS[:3]:
+        for losses in batches:
+            dwa(torch.tensor(losses))
+        dwa.step()
+    log = dwa.log
+    dwa.history.load_state_dict(dwa.history.state_dict())
+    assert dwa.log == log and [entry["temperature"] for entry in log] == [0.5, 0.5, 0.5]
+    fresh = DWA()
+    fresh.history.load_state_dict(json.loads(json.dumps(dwa.history.state_dict())))
+    assert fresh.log == log

@@ -129,7 +129,7 @@ def make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
         "missing": (tmp_path / "missing.pt", "no such file"),
         "corrupt": (corrupt, "not a checkpoint torch.load can read with weights_only=True"),
         "no state": (nothing, "no DWA state in it"),
-        "invalid state": (invalid, "is not a valid DWA state: malformed DWA history state_dict: stored average 0"),
+        "invalid state": (invalid, "is not a valid DWA state: malformed DWA history state_dict: 'averages'[0]"),
         "unsafe pickle": (pickled, "weights_only=True"),
     }
 

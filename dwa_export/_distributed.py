@@ -1,0 +1,211 @@
+"""What the ranks of a distributed DWA history exchange in ``step()`` and ``consolidate_state_dict()``.
+
+Two collectives, once per epoch. First a fixed-size :class:`Header` from every
+rank (an all-reduce in which each rank fills its own row), so that every rank
+sees the same facts and reaches the same verdict: if the ranks disagree, each
+raises the same :class:`RankMismatchError` before anything else is exchanged,
+so nothing hangs or aborts and nothing changes. Then the K loss sums.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import zlib
+from collections.abc import Sequence
+from dataclasses import astuple, dataclass, fields
+
+import torch
+import torch.distributed as dist
+
+from ._state import Share
+
+__all__ = ["GroupEpoch", "Header", "Operation", "PartialEpochWarning", "RankMismatchError", "exchange", "rank_in"]
+
+DTYPES = ("float32", "float64")  # Header.dtype is the index + 1
+
+
+class RankMismatchError(RuntimeError):
+    """The ranks of a distributed ``step()`` or ``consolidate_state_dict()`` disagree; raised on every rank.
+
+    Nothing was changed on any rank. ``counts`` holds each rank's number of
+    batches recorded this epoch.
+    """
+
+    def __init__(self, message: str, counts: Sequence[int]) -> None:
+        super().__init__(message)
+        self.counts = tuple(counts)
+
+
+class PartialEpochWarning(UserWarning):
+    """A resumed epoch lacks batches that were recorded before the checkpoint."""
+
+
+class Operation(enum.IntEnum):
+    STEP = 1
+    CONSOLIDATE = 2
+
+
+@dataclass(frozen=True)
+class Header:
+    """One rank's facts, exchanged before the loss sums (every field is exact as a float64)."""
+
+    operation: int  # an Operation
+    num_tasks: int  # K, 0 while not known
+    tasks: int  # a code of the task names in order (names_code), 0 without names
+    dtype: int  # the precision of inputs(): DTYPES index + 1
+    epochs: int  # epochs closed so far
+    temperature: float  # the temperature given to step(), 0.0 without
+    allow_empty_ranks: int
+    batches: int  # recorded this epoch
+    weight: float  # their weight sum
+    share: int  # a Share: where this rank's part of a resumed epoch is
+
+    def row(self) -> list[float]:
+        return [float(value) for value in astuple(self)]
+
+    @classmethod
+    def from_row(cls, row: Sequence[float]) -> Header:
+        return cls(*(value if field.type == "float" else int(value) for field, value in zip(fields(cls), row)))
+
+
+def names_code(tasks: Sequence[str] | None) -> int:
+    """The same number on every rank for the same names in the same order (unlike ``hash``)."""
+    return 0 if tasks is None else (1 << 32) | zlib.crc32("\0".join(tasks).encode())
+
+
+@dataclass(frozen=True)
+class GroupEpoch:
+    """The running epoch of the whole group, the same on every rank."""
+
+    num_tasks: int | None
+    dtype: str
+    batches: int
+    weight: float
+    sums: tuple[float, ...]
+    missing: tuple[int, ...]  # ranks whose batches before a checkpoint were lost with it
+
+
+def rank_in(process_group: dist.ProcessGroup | None) -> tuple[int, int] | None:
+    """``(rank, world_size)`` in the group, or ``None`` when ``torch.distributed`` is not initialised."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    rank = dist.get_rank(process_group)
+    if rank < 0:
+        raise RuntimeError(
+            f"this process (global rank {dist.get_rank()}) is not a member of the history's process_group, so it "
+            "cannot take part in step(): create the history with distributed=False on processes outside the group"
+        )
+    return rank, dist.get_world_size(process_group)
+
+
+def exchange(
+    header: Header, sums: torch.Tensor | None, rank: int, world_size: int, process_group: dist.ProcessGroup | None
+) -> GroupEpoch:
+    """Every rank's header, checked for agreement, then the summed loss sums. A collective."""
+    device = _collective_device(process_group)
+    rows = torch.zeros(world_size, len(fields(Header)), dtype=torch.float64, device=device)
+    rows[rank] = torch.tensor(header.row(), dtype=torch.float64)
+    dist.all_reduce(rows, group=process_group)
+    headers = [Header.from_row(row) for row in rows.tolist()]
+    num_tasks, dtype = agree(headers)
+    total: tuple[float, ...] = ()
+    if num_tasks is not None:  # known to every rank now, so every rank sends K sums
+        payload = torch.zeros(num_tasks, dtype=torch.float64, device=device)
+        if sums is not None:
+            payload.copy_(sums)
+        dist.all_reduce(payload, group=process_group)
+        total = tuple(payload.tolist())
+    return GroupEpoch(
+        num_tasks,
+        dtype,
+        sum(h.batches for h in headers),
+        math.fsum(h.weight for h in headers),  # correctly rounded: the same on every rank
+        total,
+        tuple(r for r, h in enumerate(headers) if h.share == Share.MISSING.value),
+    )
+
+
+def _collective_device(process_group: dist.ProcessGroup | None) -> torch.device:
+    backend = str(dist.get_backend(process_group))
+    if "gloo" in backend or backend == "mpi":
+        return torch.device("cpu")
+    accelerator = torch.accelerator.current_accelerator()  # NCCL and the like take device tensors
+    assert accelerator is not None, f"the {backend} backend needs an accelerator"
+    return torch.device(accelerator.type, torch.accelerator.current_device_index())
+
+
+def agree(headers: list[Header]) -> tuple[int | None, str]:
+    """The group's K and precision; raises :class:`RankMismatchError` where the ranks disagree.
+
+    Every rank runs this on the same headers, so every rank raises alike.
+    """
+    counts = [h.batches for h in headers]
+
+    def same(values: list[object], what: str, remedy: str, among: list[bool] | None = None) -> None:
+        considered = [v for v, use in zip(values, among or [True] * len(values)) if use]
+        if len(set(considered)) > 1:
+            per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
+            raise RankMismatchError(
+                f"the ranks disagree on {what} ({per_rank}): {remedy}. Nothing was changed on any rank.", counts
+            )
+
+    names = {Operation.STEP: "step()", Operation.CONSOLIDATE: "consolidate_state_dict()"}
+    same(
+        [names[Operation(h.operation)] for h in headers],
+        "the collective they called",
+        "step() and consolidate_state_dict() are collectives: call each on every rank, in the same order",
+    )
+    same(
+        [f"K={h.num_tasks or None}" for h in headers],
+        "the number of tasks",
+        "every rank must record losses with the same K (pass num_tasks=K to the constructor on every rank)",
+        [h.num_tasks > 0 for h in headers],
+    )
+    same(
+        [f"names {h.tasks:#x}" if h.tasks else "no names" for h in headers],
+        "the task names or their order (shown as a code of the names)",
+        "create the history with the same tasks=(...) on every rank",
+    )
+    same([h.epochs for h in headers], "the number of closed epochs",
+         "they resumed from different checkpoints, or a history was reset() on some ranks only")  # fmt: skip
+    same([h.temperature or None for h in headers], "the temperature", "give DWA the same temperature on every rank")
+    same([bool(h.allow_empty_ranks) for h in headers], "allow_empty_ranks", "create the histories alike on every rank")
+    same(
+        [DTYPES[h.dtype - 1] for h in headers],
+        "the precision of the recorded losses",
+        "record losses of one dtype on every rank",
+        [h.batches > 0 for h in headers],
+    )
+    _check_no_empty_rank(headers, counts)
+    known = {h.num_tasks for h in headers if h.num_tasks}
+    return (known.pop() if known else None), DTYPES[max(h.dtype for h in headers) - 1]
+
+
+def _check_no_empty_rank(headers: list[Header], counts: list[int]) -> None:
+    """Collectives pair by call order: a rank that calls step() once too often meets the others'
+    end-of-epoch step() with nothing recorded."""
+    empty = [r for r, h in enumerate(headers) if h.batches == 0 and h.share == Share.OWN.value]
+    first = headers[0]
+    if not empty or len(empty) == len(headers) or first.allow_empty_ranks or first.operation != Operation.STEP:
+        return
+    per_rank = ", ".join(f"rank {r}: {c}" for r, c in enumerate(counts))
+    raise RankMismatchError(
+        f"step() found batches on some ranks and none on rank(s) {empty} (batches this epoch: {per_rank}). The "
+        "likely cause is a rank that called step() once more than the others: collectives pair by call order, so "
+        "its extra step() met the others' end-of-epoch step(). Call step() exactly once per epoch on every rank. If "
+        "some ranks really can see no batch in an epoch, create the history with allow_empty_ranks=True on every "
+        "rank. Nothing was changed on any rank.",
+        counts,
+    )
+
+
+def partial_epoch_message(missing: Sequence[int]) -> str:
+    return (
+        f"the epoch resumed from a checkpoint lacks the batches that rank(s) {list(missing)} recorded before it "
+        "was saved: the checkpoint held another rank's running epoch only (the 'rank 0 saves, every rank loads' "
+        "recipe, or torch.distributed.checkpoint, without consolidate_state_dict()). This epoch's average is "
+        "formed from the batches that were kept. To resume mid-epoch exactly, save every rank's state_dict(), or "
+        "call consolidate_state_dict() on every rank before saving."
+    )
+

@@ -1,0 +1,299 @@
+"""The epoch rules of a DWA history, shared by the torch and NumPy histories (no torch here).
+
+Each history keeps its own per-batch running sums; everything that happens once
+per epoch lives here: what an epoch average may be, how the two-epoch history
+rolls, the warm-up, and the per-epoch log. The C++ header follows the same rules
+(``tests/test_cpp.py`` checks that it does).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ._state import HistoryState
+
+__all__ = ["EpochHistory", "LogEntry", "LossHistoryError", "check_batch_weight", "check_temperature"]
+
+MAX_TASKS = 1 << 20
+_REMEDY = (
+    "Nothing was changed: call discard_epoch() to drop this epoch's batches, or reset() to restart the warm-up."
+)
+
+
+class LossHistoryError(ValueError):
+    """An epoch that DWA cannot use, raised by ``step()``, which then changes nothing.
+
+    Attributes:
+        task: index of the offending task (``None`` for a problem with the batch weights).
+        average: the epoch averages of all tasks (the loss sums, for a weight problem).
+        previous: the previous epoch's averages, or ``None`` during the warm-up.
+    """
+
+    def __init__(
+        self, message: str, task: int | None, average: Sequence[float], previous: Sequence[float] | None
+    ) -> None:
+        super().__init__(message)
+        self.task = task
+        self.average = tuple(average)
+        self.previous = None if previous is None else tuple(previous)
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_temperature(temperature: object) -> float:
+    """``temperature`` as a float; raises unless it is a real number, finite and > 0."""
+    if not _is_real(temperature):
+        raise TypeError(
+            f"temperature must be a real number (the paper uses 2.0), got {type(temperature).__name__} {temperature!r}"
+        )
+    value = float(temperature)  # type: ignore[arg-type]  # a numbers.Real
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(
+            f"temperature must be finite and > 0 (the paper uses 2.0), got {value!r}; "
+            "T <= 0 inverts or breaks the weights and T = inf makes them uniform"
+        )
+    return value
+
+
+def check_num_tasks(num_tasks: object) -> int | None:
+    if num_tasks is None:
+        return None
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or not 1 <= num_tasks <= MAX_TASKS:
+        raise ValueError(f"num_tasks must be an int from 1 to {MAX_TASKS} (the number K of task losses), got {num_tasks!r}")
+    return int(num_tasks)
+
+
+def check_tasks(tasks: object, num_tasks: int | None = None) -> tuple[str, ...] | None:
+    """Task names: distinct, non-empty strings (UTF-8, as checkpoints store them), one per task."""
+    if tasks is None:
+        return None
+    if isinstance(tasks, (str, bytes)) or not isinstance(tasks, Sequence):
+        raise TypeError(f"tasks must be a sequence of task names, e.g. ('seg', 'depth'), got {tasks!r}")
+    names = tuple(tasks)
+    for name in names:
+        if not isinstance(name, str) or not name or not _utf8(name):
+            raise ValueError(f"each task name must be a non-empty string, got {name!r} in {_short(list(names))}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"task names must be distinct, got {_short(list(names))}")
+    check_num_tasks(len(names))
+    if num_tasks is not None and num_tasks != len(names):
+        raise ValueError(f"num_tasks={num_tasks} but {len(names)} task names were given: {_short(list(names))}")
+    return names
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, which a UTF-8 checkpoint cannot hold
+        return False
+    return True
+
+
+def _short(value: object) -> str:
+    """``repr(value)``, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def check_batch_weight(weight: object, batched: bool) -> float:
+    """A weight given as one number: the weight of one row of K losses (e.g. the batch size).
+
+    ``batched``: whether the losses have several rows (``[B, K]``); one number is
+    then ambiguous (the weight of the batch, or of each row?) and is refused.
+    """
+    if not _is_real(weight):
+        raise TypeError(f"weight must be a real number or a tensor/array, got {type(weight).__name__} {weight!r}")
+    value = float(weight)  # type: ignore[arg-type]  # a numbers.Real
+    if not (math.isfinite(value) and value >= 0.0):
+        raise ValueError(f"weight must be finite and >= 0 (e.g. the batch size), got {weight!r}")
+    if batched:
+        raise ValueError(
+            f"weight={weight!r} is one number, but the losses have rows of K losses (per-sample losses). "
+            "Each row already counts once, so without a weight the epoch average is sample-weighted; for other "
+            "per-row weights pass a tensor/array with one weight per row (the losses' shape without the last "
+            "dimension). A single number weighs a [K] batch, e.g. batch-mean losses with weight=batch_size."
+        )
+    return value
+
+
+def _listed(values: Sequence[float]) -> str:
+    return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
+
+
+def check_epoch_average(average: Sequence[float], previous: Sequence[float] | None) -> None:
+    """Raise :class:`LossHistoryError` unless ``average`` can follow ``previous`` in the history.
+
+    DWA divides each task's average by the previous epoch's, so every average must
+    be finite and non-zero and keep the sign it had the epoch before (a negative
+    rate means nothing as a rate of decrease).
+    """
+    for task, value in enumerate(average):
+        if not math.isfinite(value):
+            problem = f"is {value!r}: a NaN or infinite loss was recorded this epoch"
+        elif value == 0.0:
+            problem = (
+                "is 0.0: DWA divides by it to get next epoch's rate L(t-1)/L(t-2); "
+                "offset that task's loss so that it stays away from zero"
+            )
+        elif previous is not None and (value > 0.0) != (previous[task] > 0.0):
+            problem = (
+                f"changed sign from {previous[task]:.6g} to {value:.6g}: the rate L(t-1)/L(t-2) would be "
+                "negative, which DWA cannot read as a rate of decrease; offset that task's loss so that it keeps one sign"
+            )
+        else:
+            continue
+        message = f"epoch-average loss of task {task} {problem} (all tasks: {_listed(average)}). {_REMEDY}"
+        raise LossHistoryError(message, task, average, previous)
+
+
+def check_epoch_weight(weight: float, sums: Sequence[float], previous: Sequence[float] | None) -> None:
+    if not (math.isfinite(weight) and weight >= 0.0):
+        raise LossHistoryError(
+            f"the batch weights recorded this epoch sum to {weight!r}; every weight must be finite and >= 0 "
+            f"(a per-row weight held a negative, NaN or infinite value, or the sum overflowed). {_REMEDY}",
+            None,
+            sums,
+            previous,
+        )
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One closed epoch: its batch count, weight sum and averages, and the weights computed from them.
+
+    ``temperature`` and ``weights`` (those of the next epoch) are set by
+    ``log_weights()``, which :class:`dwa_export.DWA` calls after each ``step()``.
+    """
+
+    batches: int
+    weight: float
+    averages: tuple[float, ...]
+    temperature: float | None = None
+    weights: tuple[float, ...] | None = None
+
+
+class EpochHistory:
+    """The once-per-epoch half of a DWA history: K, task names, the last two averages and the log."""
+
+    def __init__(self, num_tasks: int | None = None, tasks: Sequence[str] | None = None) -> None:
+        self.fixed_tasks = check_tasks(tasks, check_num_tasks(num_tasks))  # given to the constructor
+        self.fixed_num_tasks = len(self.fixed_tasks) if self.fixed_tasks else check_num_tasks(num_tasks)
+        self.tasks = self.fixed_tasks
+        self.num_tasks = self.fixed_num_tasks
+        self.averages: tuple[tuple[float, ...], ...] = ()  # at most two, oldest first
+        self.log: list[LogEntry] = []
+
+    def check_num_tasks(self, num_tasks: int) -> None:
+        """Raise unless a batch of ``num_tasks`` losses fits this history. Changes nothing."""
+        if self.num_tasks is not None and num_tasks != self.num_tasks:
+            if self.fixed_num_tasks is None:
+                remedy = "call reset() first to start a new history with another K"
+            else:
+                remedy = f"this history was created with num_tasks={self.fixed_num_tasks}"
+            raise ValueError(
+                f"losses have {num_tasks} tasks in their last dimension but this history has K={self.num_tasks}; {remedy}"
+            )
+        check_num_tasks(num_tasks)
+
+    def in_task_order(self, losses: Mapping[str, Any]) -> list[Any]:
+        """The values of a ``{name: loss}`` batch in task order; raises, changing nothing, on other names."""
+        if self.tasks is None:
+            raise TypeError(
+                f"losses given as a mapping need task names: create the history with tasks=(...), e.g. tasks={tuple(losses)!r}"
+            )
+        if losses.keys() != set(self.tasks):
+            missing = [name for name in self.tasks if name not in losses]
+            unexpected = [name for name in losses if name not in self.tasks]
+            raise ValueError(
+                f"losses must have exactly the task names {list(self.tasks)}; missing {missing}, unexpected {unexpected}"
+            )
+        return [losses[name] for name in self.tasks]
+
+    def close(self, batches: int, weight: float, sums: Sequence[float], temperature: float | None = None) -> None:
+        """Average an epoch's sums, check the average, roll the history and log it.
+
+        Only zero-weight batches (``weight == 0``) leave no entry. Raises
+        :class:`LossHistoryError`, changing nothing, on an invalid weight or average.
+        """
+        previous = self.averages[-1] if self.averages else None
+        check_epoch_weight(weight, sums, previous)
+        if weight == 0.0:
+            return
+        average = tuple(s / weight for s in sums)
+        check_epoch_average(average, previous)
+        self.averages = (*self.averages, average)[-2:]
+        self.log.append(LogEntry(batches, weight, average, temperature))
+
+    @property
+    def ready(self) -> bool:
+        """Whether two epoch averages exist: the weights are past the warm-up."""
+        return len(self.averages) == 2
+
+    def inputs(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """``(L(t-1), L(t-2))`` for the kernel; all ones (exactly uniform weights) during the warm-up."""
+        if self.num_tasks is None:
+            raise RuntimeError(
+                "the number of tasks is not known yet: record() a batch first, or pass num_tasks=K "
+                "(or tasks=names) to the constructor"
+            )
+        if not self.ready:
+            ones = (1.0,) * self.num_tasks
+            return ones, ones
+        return self.averages[1], self.averages[0]
+
+    def log_weights(self, temperature: float, weights: Sequence[float]) -> None:
+        """Store the temperature and the weights computed from the last closed epoch in its log entry."""
+        if not self.log:
+            raise RuntimeError("log_weights() needs a closed epoch: call step() first")
+        temperature = check_temperature(temperature)
+        values = tuple(float(w) for w in weights)
+        if len(values) != self.num_tasks or not all(math.isfinite(w) and w >= 0.0 for w in values):
+            raise ValueError(f"weights must be {self.num_tasks} finite numbers >= 0, got {_short(list(values))}")
+        self.log[-1] = replace(self.log[-1], temperature=temperature, weights=values)
+
+    def reset(self) -> None:
+        """Forget everything but the K and task names given to the constructor."""
+        self.tasks = self.fixed_tasks
+        self.num_tasks = self.fixed_num_tasks
+        self.averages = ()
+        self.log = []
+
+    def check_fits(self, state: HistoryState) -> None:
+        """Raise unless a checkpoint's K and task names fit those given to the constructor. Changes nothing."""
+        if self.fixed_num_tasks is not None and state.num_tasks != self.fixed_num_tasks:
+            raise ValueError(
+                f"the checkpoint holds K={state.num_tasks} tasks but this history was created with "
+                f"num_tasks={self.fixed_num_tasks}"
+            )
+        if self.fixed_tasks is not None and state.tasks is not None and state.tasks != self.fixed_tasks:
+            raise ValueError(
+                f"the checkpoint's task names {list(state.tasks)} differ from this history's {list(self.fixed_tasks)}"
+            )
+
+    def restore(self, state: HistoryState) -> None:
+        """Take a validated checkpoint's K, task names, averages and log (after :meth:`check_fits`)."""
+        self.num_tasks = state.num_tasks
+        self.tasks = state.tasks if state.tasks is not None else self.fixed_tasks
+        self.averages = state.averages
+        self.log = list(state.log)
+
+    def entries(self) -> list[dict[str, Any]]:
+        """The log as JSON-friendly dicts, one per closed epoch."""
+        return [
+            {
+                "epoch": epoch,
+                "averages": list(entry.averages),
+                "batches": entry.batches,
+                "weight": entry.weight,
+                "temperature": entry.temperature,
+                "weights": None if entry.weights is None else list(entry.weights),
+            }
+            for epoch, entry in enumerate(self.log)
+        ]
