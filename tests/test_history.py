@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dwa_export import DWAHistory, DWAWeights, LossHistoryError
+from dwa_export.runtime import NumpyDWAHistory
 from reference import dwa_weights, epoch_weights
 
 KERNEL = DWAWeights()
@@ -551,17 +552,23 @@ def test_a_version_1_checkpoint_is_a_clear_error_naming_its_version():
     assert history.num_tasks is None
 
 
-def test_a_history_in_use_takes_the_k_of_a_checkpoint_it_loads():
-    source = DWAHistory()
-    run(source, [[[1.0, 2.0, 3.0]], [[0.5, 1.5, 2.5]]])
-    source.record(torch.tensor([0.4, 1.4, 2.4]))
-    target = DWAHistory()
-    target.record(torch.tensor([9.0, 9.0]))  # K = 2, mid-epoch
+@pytest.mark.parametrize("mid_epoch", [True, False])
+@pytest.mark.parametrize("kind", ["torch", "numpy"])
+def test_a_history_in_use_takes_the_k_of_a_checkpoint_it_loads(kind, mid_epoch):
+    make, losses = (DWAHistory, torch.tensor) if kind == "torch" else (NumpyDWAHistory, np.float32)
+    source = make()
+    for epoch in ([1.0, 2.0, 3.0], [0.5, 1.5, 2.5]):
+        source.record(losses(epoch))
+        source.step()
+    if mid_epoch:
+        source.record(losses([0.4, 1.4, 2.4]))
+    target = make()
+    target.record(losses([9.0, 9.0]))  # K = 2, mid-epoch
     target.load_state_dict(source.state_dict())
     assert target.num_tasks == 3 and target.state_dict() == source.state_dict()
-    target.record(torch.tensor([0.6, 1.6, 2.6]))
+    target.record(losses([0.6, 1.6, 2.6]))
     target.step()
-    assert target.averages[-1] == pytest.approx((0.5, 1.5, 2.5))
+    assert target.averages[-1] == pytest.approx((0.5, 1.5, 2.5) if mid_epoch else (0.6, 1.6, 2.6))
 
 
 def test_float64_sums_hold_a_long_epoch():

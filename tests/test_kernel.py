@@ -266,3 +266,17 @@ def test_scripted_matches_eager_and_survives_save_load():
         torch.testing.assert_close(loaded(loss_t1, loss_t2, t(1.5)), expected, rtol=0, atol=0)
     with pytest.raises(torch.jit.Error, match="temperature must be finite"):
         loaded(torch.ones(2), torch.ones(2), t(-1.0))
+
+
+@KERNELS
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_are_computed_in_float32(kernel, dtype):
+    # Half-precision inputs are upcast, computed in float32 and rounded once at the
+    # end: bit for bit what the float32 kernel gives on the same (upcast) values.
+    gen = torch.Generator().manual_seed(1)
+    loss_t2 = (torch.rand(64, 7, generator=gen) + 0.5).to(dtype)
+    loss_t1 = (loss_t2.float() * (torch.rand(64, 7, generator=gen) * 0.6 + 0.6)).to(dtype)
+    temperature = torch.tensor(0.5)
+    out = kernel(loss_t1, loss_t2, temperature)
+    assert out.dtype == dtype
+    assert torch.equal(out, kernel(loss_t1.float(), loss_t2.float(), temperature).to(dtype))
