@@ -1,150 +1,173 @@
 // Drives dwa::History from a command script on stdin, one JSON line out per
 // command, so that tests/test_cpp.py can replay the same script through the
-// Python DWAHistory and NumpyDWAHistory and compare results, states and error
-// messages.
+// Python DWAHistory and NumpyDWAHistory and compare results, states and error kinds.
 //
-//   history_driver [float64] [tasks=a,b,c]      float64: dwa::History64; tasks: named tasks
-//   history_driver loader                       load states: each "<byte count>\n<bytes>" on stdin
-//                                               into a fresh dwa::History, else dwa::History64, and print
-//                                               {"ok": <state_dict()>, "inputs": ...} or {"error": message}
+//   history_driver [float64] [tasks=a,b,c]   float64: dwa::History64; tasks: named tasks
+//   history_driver loader                    states on stdin, each "<byte count>\n<bytes>", loaded into a
+//                                            fresh dwa::History, else a fresh dwa::History64; prints
+//                                            {"ok": <state>, "inputs": ...} or {"error": message}
 //
-// Commands: record v1 v2 ... [weight=W]         one row of K losses
-//           rows R v1 ... v(R*K) [weight=W]     R rows
-//           roww R w1 ... wR v1 ... v(R*K)      R rows, one weight each
-//           step | discard | reset | inputs | ready | state | log | load <json>
+// Commands: record v1 .. vK [weight=W]       one row of K losses
+//           rows R v1 .. v(R*K) [weight=W]   R rows
+//           roww R w1 .. wR v1 .. v(R*K)     R rows, one weight each
+//           step [T]                         step(), or step(T) with a temperature for the log
+//           logw T w1 .. wK                  log_weights(T, weights)
+//           discard | reset | inputs | ready | state | log | load <json>
+// Numbers are read with strtod (nan, inf and hex floats too). Out, per command:
+//   {"ok": result} or {"error": kind, "message": ...} with kind
+//   LossHistoryError (and "task": t or null), ValueError (std::invalid_argument),
+//   RuntimeError (std::runtime_error), or DomainError (std::domain_error: state_dict()
+//   of an epoch whose sums are not finite, which Python's json can write and strict JSON cannot).
+// A malformed script exits with status 2.
 #include <dwa/history.hpp>
 
+#include <cstdlib>
 #include <iostream>
 #include <sstream>
 #include <string>
+#include <vector>
 
 namespace {
 
-std::string quote(const std::string& text) { return dwa::json::dump_string(text); }
+using Json = nlohmann::json;
 
-template <typename T>
-std::string list(const std::vector<T>& values) {
-  std::string out = "[";
-  for (std::size_t i = 0; i < values.size(); ++i)
-    out += (i ? ", " : "") + dwa::json::dump_float(static_cast<double>(values[i]));
-  return out + "]";
+struct BadScript : std::exception {};
+
+double read_number(const std::string& word) {
+  char* end = nullptr;
+  const double value = std::strtod(word.c_str(), &end);
+  if (word.empty() || *end != '\0') throw BadScript();
+  return value;
+}
+
+std::size_t read_count(const std::string& word) {
+  const double value = read_number(word);
+  if (!(value >= 1 && value < 1e9)) throw BadScript();
+  return static_cast<std::size_t>(value);
+}
+
+std::string dump(const Json& value) {  // ASCII: a line holds no U+2028, which Python's splitlines() splits at
+  return value.dump(-1, ' ', true, Json::error_handler_t::replace);
 }
 
 template <typename Scalar>
-std::string run(dwa::BasicHistory<Scalar>& history, const std::string& line) {
-  std::istringstream words(line);
+Json inputs(const dwa::BasicHistory<Scalar>& history) {
+  const auto [loss_t1, loss_t2] = history.inputs();
+  return Json::array({loss_t1, loss_t2});
+}
+
+Json log(const std::vector<dwa::LogEntry>& entries) {  // as Python's history.log has it
+  Json out = Json::array();
+  for (std::size_t i = 0; i < entries.size(); ++i) {
+    const dwa::LogEntry& entry = entries[i];
+    out.push_back({{"epoch", i},
+                   {"averages", entry.averages},
+                   {"batches", entry.batches},
+                   {"weight", entry.weight},
+                   {"temperature", entry.temperature ? Json(*entry.temperature) : Json()},
+                   {"weights", entry.weights ? Json(*entry.weights) : Json()}});
+  }
+  return out;
+}
+
+template <typename Scalar>
+Json run(dwa::BasicHistory<Scalar>& history, const std::string& line) {
+  std::istringstream stream(line);
   std::string command;
-  words >> command;
-  std::string result = "null";
-  std::vector<std::string> rest;
-  for (std::string word; words >> word;) rest.push_back(word);
-  std::optional<double> weight;
-  std::vector<Scalar> values;
-  std::vector<double> row_weights;
-  std::size_t rows = 1;
-  std::size_t first = 0;
-  if (command == "rows" || command == "roww") rows = std::stoul(rest.at(0)), first = 1;
-  if (command == "roww") {
-    for (std::size_t r = 0; r < rows; ++r) row_weights.push_back(std::stod(rest.at(1 + r)));
-    first += rows;
-  }
-  const bool records = command == "record" || command == "rows" || command == "roww";
-  for (std::size_t i = first; records && i < rest.size(); ++i) {
-    if (rest[i].rfind("weight=", 0) == 0)
-      weight = std::stod(rest[i].substr(7));
+  stream >> command;
+  std::vector<std::string> words;
+  for (std::string word; stream >> word;) words.push_back(word);
+
+  if (command == "record" || command == "rows" || command == "roww") {
+    std::size_t rows = 1, first = 0;
+    if (command != "record") rows = read_count(words.at(0)), first = 1;
+    std::vector<double> row_weights;
+    for (; command == "roww" && row_weights.size() < rows; ++first) row_weights.push_back(read_number(words.at(first)));
+    std::optional<double> weight;
+    std::vector<Scalar> values;
+    for (std::size_t i = first; i < words.size(); ++i) {
+      if (words[i].rfind("weight=", 0) == 0)
+        weight = read_number(words[i].substr(7));
+      else
+        values.push_back(dwa::detail::narrow<Scalar>(read_number(words[i])));
+    }
+    if (values.size() % rows) throw BadScript();
+    if (command == "roww")
+      history.record(values.data(), rows, values.size() / rows, row_weights.data());
     else
-      values.push_back(static_cast<Scalar>(std::stod(rest[i])));
-  }
-  if (command == "record" || command == "rows") {
-    history.record(values.data(), rows, values.size() / rows, weight);
-  } else if (command == "roww") {
-    history.record(values.data(), rows, values.size() / rows, row_weights.data());
+      history.record(values.data(), rows, values.size() / rows, weight);
   } else if (command == "step") {
-    history.step();
+    if (words.size() > 1) throw BadScript();
+    history.step(words.empty() ? std::nullopt : std::optional<double>(read_number(words[0])));
+  } else if (command == "logw") {
+    std::vector<double> weights;
+    for (std::size_t i = 1; i < words.size(); ++i) weights.push_back(read_number(words[i]));
+    history.log_weights(read_number(words.at(0)), weights);
   } else if (command == "discard") {
     history.discard_epoch();
   } else if (command == "reset") {
     history.reset();
   } else if (command == "inputs") {
-    auto [loss_t1, loss_t2] = history.inputs();
-    result = "[" + list(loss_t1) + ", " + list(loss_t2) + "]";
+    return inputs(history);
   } else if (command == "ready") {
-    result = history.ready() ? "true" : "false";
+    return history.ready();
   } else if (command == "state") {
-    result = history.state_dict();
+    return Json::parse(history.state_dict());
   } else if (command == "log") {
-    result = "[";
-    for (std::size_t i = 0; i < history.log().size(); ++i) {
-      const auto& entry = history.log()[i];
-      result += (i ? ", " : "") + std::string("{\"epoch\": ") + std::to_string(i) + ", \"averages\": " +
-                list(entry.averages) + ", \"batches\": " + std::to_string(entry.batches) +
-                ", \"weight\": " + dwa::json::dump_float(entry.weight) + "}";
-    }
-    result += "]";
+    return log(history.log());
   } else if (command == "load") {
     history.load_state_dict(line.substr(line.find(' ') + 1));
   } else {
-    throw std::logic_error("unknown command: " + command);
+    throw BadScript();
   }
-  return result;
+  return nullptr;
 }
 
 template <typename Scalar>
 int drive(dwa::BasicHistory<Scalar> history) {
-  std::string line;
-  while (std::getline(std::cin, line)) {
+  for (std::string line; std::getline(std::cin, line);) {
+    Json out;
     try {
-      const std::string result = run(history, line);  // before anything is written: it may throw
-      std::cout << "{\"ok\": " << result << "}" << std::endl;
+      out = {{"ok", run(history, line)}};
     } catch (const dwa::LossHistoryError& error) {
-      std::cout << "{\"error\": \"LossHistoryError\", \"task\": "
-                << (error.task ? std::to_string(*error.task) : "null") << ", \"message\": " << quote(error.what())
-                << "}" << std::endl;
+      out = {{"error", "LossHistoryError"}, {"task", error.task ? Json(*error.task) : Json()}, {"message", error.what()}};
+    } catch (const std::domain_error& error) {
+      out = {{"error", "DomainError"}, {"message", error.what()}};
     } catch (const std::invalid_argument& error) {
-      std::cout << "{\"error\": \"ValueError\", \"message\": " << quote(error.what()) << "}" << std::endl;
-    } catch (const std::logic_error& error) {
-      std::cerr << error.what() << "\n";
-      return 2;
+      out = {{"error", "ValueError"}, {"message", error.what()}};
     } catch (const std::runtime_error& error) {
-      std::cout << "{\"error\": \"RuntimeError\", \"message\": " << quote(error.what()) << "}" << std::endl;
+      out = {{"error", "RuntimeError"}, {"message", error.what()}};
+    } catch (const std::exception&) {  // BadScript, std::out_of_range from words.at()
+      std::cerr << "bad command: " << line << "\n";
+      return 2;
     }
+    std::cout << dump(out) << std::endl;
   }
   return 0;
 }
 
-// Loads one state text into a fresh history of either accumulator type.
-std::string load(const std::string& text) {
+// Loads one state text into a fresh history, float first, then double.
+Json load(const std::string& text) {
   std::string first_error;
-  for (int attempt = 0; attempt < 2; ++attempt) {
+  const auto attempt = [&](auto history) -> std::optional<Json> {
     try {
-      std::string inputs = "null";
-      std::string state;
-      const auto try_with = [&](auto history) {
-        history.load_state_dict(text);
-        state = history.state_dict();
-        if (history.num_tasks()) {
-          auto [loss_t1, loss_t2] = history.inputs();
-          inputs = "[" + list(loss_t1) + ", " + list(loss_t2) + "]";
-        }
-      };
-      if (attempt == 0)
-        try_with(dwa::History());
-      else
-        try_with(dwa::History64());
-      return "{\"ok\": " + state + ", \"inputs\": " + inputs + "}";
+      history.load_state_dict(text);
     } catch (const std::invalid_argument& error) {
-      if (attempt == 0) first_error = error.what();
+      if (first_error.empty()) first_error = error.what();
+      return std::nullopt;
     }
-  }
-  return "{\"error\": " + quote(first_error) + "}";
+    return Json{{"ok", Json::parse(history.state_dict())}, {"inputs", history.num_tasks() ? inputs(history) : Json()}};
+  };
+  if (auto out = attempt(dwa::History())) return *out;
+  if (auto out = attempt(dwa::History64())) return *out;
+  return {{"error", first_error}};
 }
 
 int loader() {
-  std::string header;
-  while (std::getline(std::cin, header)) {
-    std::string text(std::stoul(header), '\0');
+  for (std::string header; std::getline(std::cin, header);) {
+    std::string text(static_cast<std::size_t>(std::stoull(header)), '\0');  // a bad header: exit 2 in main()
     std::cin.read(text.data(), static_cast<std::streamsize>(text.size()));
-    std::cout << load(text) << std::endl;
+    std::cout << dump(load(text)) << std::endl;
   }
   return 0;
 }
@@ -152,18 +175,25 @@ int loader() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc == 2 && std::string(argv[1]) == "loader") return loader();
-  bool float64 = false;
-  std::vector<std::string> tasks;
-  for (int i = 1; i < argc; ++i) {
-    const std::string arg = argv[i];
-    if (arg == "float64") {
-      float64 = true;
-    } else if (arg.rfind("tasks=", 0) == 0) {
-      std::stringstream names(arg.substr(6));
-      for (std::string name; std::getline(names, name, ',');) tasks.push_back(name);
+  try {
+    if (argc == 2 && std::string(argv[1]) == "loader") return loader();
+    bool float64 = false;
+    std::vector<std::string> tasks;
+    for (int i = 1; i < argc; ++i) {
+      const std::string arg = argv[i];
+      if (arg == "float64") {
+        float64 = true;
+      } else if (arg.rfind("tasks=", 0) == 0) {
+        std::stringstream names(arg.substr(6));
+        for (std::string name; std::getline(names, name, ',');) tasks.push_back(name);
+      } else {
+        throw BadScript();
+      }
     }
+    if (float64) return tasks.empty() ? drive(dwa::History64()) : drive(dwa::History64(tasks));
+    return tasks.empty() ? drive(dwa::History()) : drive(dwa::History(tasks));
+  } catch (const std::exception& error) {
+    std::cerr << "history_driver: " << error.what() << "\n";
+    return 2;
   }
-  if (float64) return tasks.empty() ? drive(dwa::History64()) : drive(dwa::History64(tasks));
-  return tasks.empty() ? drive(dwa::History()) : drive(dwa::History(tasks));
 }

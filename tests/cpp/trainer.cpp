@@ -9,8 +9,15 @@
 // then {"final_weights": [...]} after the last step(). Midway through epoch 3
 // the history is saved with state_dict() and restored into a fresh one, as a
 // resumed run would do.
+//
+// dwa_trainer --readme-snippet runs exported/README.md's LibTorch snippet instead,
+// when the build compiled it in (CMakeLists.txt: DWA_SNIPPET_DIR); it prints the weights.
 #include <dwa/history.hpp>
 #include <torch/script.h>
+
+#ifdef DWA_README_SNIPPET
+#include "readme_libtorch.inc"  // defines readme_libtorch_snippet()
+#endif
 
 #include <cstdlib>
 #include <iostream>
@@ -27,15 +34,22 @@ torch::Tensor to_tensor(const std::vector<float>& values) {
 
 std::string json_list(const torch::Tensor& values) {
   const torch::Tensor flat = values.detach().to(torch::kFloat64).contiguous();
-  std::vector<double> numbers(flat.data_ptr<double>(), flat.data_ptr<double>() + flat.numel());
-  std::string out = "[";
-  for (std::size_t i = 0; i < numbers.size(); ++i) out += (i ? ", " : "") + dwa::json::dump_float(numbers[i]);
-  return out + "]";
+  const std::vector<double> numbers(flat.data_ptr<double>(), flat.data_ptr<double>() + flat.numel());
+  return nlohmann::json(numbers).dump();  // the shortest digits that read back as the same doubles
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
+  if (argc == 2 && std::string(argv[1]) == "--readme-snippet") {
+#ifdef DWA_README_SNIPPET
+    readme_libtorch_snippet();
+    return 0;
+#else
+    std::cerr << "built without exported/README.md's snippet (configure with -DDWA_SNIPPET_DIR)\n";
+    return 2;
+#endif
+  }
   if (argc < 2) {
     std::cerr << "usage: " << argv[0] << " MODEL.pt [EPOCHS] [TEMPERATURE]\n";
     return 2;
@@ -80,7 +94,7 @@ int main(int argc, char** argv) {
       }
       const torch::Tensor host = losses.detach().contiguous();
       history.record(host.data_ptr<float>(), 1, kTasks);
-      batch_losses += (batch ? ", " : "") + json_list(host);
+      batch_losses.append(batch ? ", " : "").append(json_list(host));
     }
     history.step();
     std::cout << "{\"epoch\": " << epoch << ", \"weights\": " << json_list(weights)
