@@ -13,7 +13,8 @@
 //           step [T]                         step(), or step(T) with a temperature for the log
 //           logw T w1 .. wK                  log_weights(T, weights)
 //           discard | reset | inputs | ready | state | log | load <json>
-// Numbers are read with strtod (nan, inf and hex floats too). Out, per command:
+// Numbers are read with strtod (nan, inf and hex floats too); inputs() are written with
+// "inf", "-inf" and "nan" as strings. Out, per command:
 //   {"ok": result} or {"error": kind, "message": ...} with kind
 //   LossHistoryError (and "task": t or null), ValueError (std::invalid_argument),
 //   RuntimeError (std::runtime_error), or DomainError (std::domain_error: state_dict()
@@ -21,6 +22,7 @@
 // A malformed script exits with status 2.
 #include <dwa/history.hpp>
 
+#include <cmath>
 #include <cstdlib>
 #include <iostream>
 #include <sstream>
@@ -50,10 +52,18 @@ std::string dump(const Json& value) {  // ASCII: a line holds no U+2028, which P
   return value.dump(-1, ' ', true, Json::error_handler_t::replace);
 }
 
+// inputs() as JSON; a float beyond the float range is inf there, written as the string "inf"
+// (nlohmann writes null for it).
 template <typename Scalar>
 Json inputs(const dwa::BasicHistory<Scalar>& history) {
+  const auto numbers = [](const std::vector<Scalar>& values) {
+    Json out = Json::array();
+    for (const Scalar value : values)
+      out.push_back(std::isfinite(value) ? Json(value) : Json(std::isnan(value) ? "nan" : value > 0 ? "inf" : "-inf"));
+    return out;
+  };
   const auto [loss_t1, loss_t2] = history.inputs();
-  return Json::array({loss_t1, loss_t2});
+  return Json::array({numbers(loss_t1), numbers(loss_t2)});
 }
 
 Json log(const std::vector<dwa::LogEntry>& entries) {  // as Python's history.log has it
