@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
-import shutil
 import subprocess
-import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from reference import dwa_weights
+from test_cpp import binaries  # noqa: F401  (the shared, cached C++ build)
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "exported" / "README.md").read_text()
@@ -59,41 +54,11 @@ def test_python_snippets_run_from_the_repository_root(index, monkeypatch, capsys
         assert printed.strip() == comment.group(1).strip()
 
 
-def _torch_snippet_binary(source: str) -> Path:
-    """The LibTorch snippet compiled once per (snippet, torch, compiler); reused between runs."""
-    compiler = shutil.which("c++")
-    if compiler is None:
-        if os.environ.get("CI"):
-            pytest.fail("no C++ compiler (c++) found")
-        pytest.skip("no C++ compiler (c++) found")
-    key = hashlib.sha256(f"{source}|{torch.__version__}|{sys.executable}|{compiler}".encode()).hexdigest()[:16]
-    binary = Path(tempfile.gettempdir()) / f"dwa_export-readme-libtorch-{key}"
-    if binary.exists():
-        return binary
-    torch_dir = Path(torch.__file__).parent
-    with tempfile.TemporaryDirectory() as folder:
-        cpp = Path(folder) / "snippet.cpp"
-        cpp.write_text(source)
-        built = Path(folder) / "snippet"
-        command = [
-            compiler, "-std=c++17", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-            f"-I{torch_dir / 'include'}", f"-I{torch_dir / 'include' / 'torch' / 'csrc' / 'api' / 'include'}",
-            str(cpp), "-o", str(built), f"-L{torch_dir / 'lib'}", "-ltorch", "-ltorch_cpu", "-lc10",
-            f"-Wl,-rpath,{torch_dir / 'lib'}",
-        ]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr[-3000:]
-        shutil.move(str(built), binary)  # complete binaries only: a failed build leaves no cache entry
-    return binary
-
-
-def test_libtorch_snippet_compiles_and_runs_from_the_repository_root():
-    (snippet,) = [block for block in CPP_BLOCKS if "torch::jit::load" in block]
-    lines = snippet.splitlines()
-    includes = [line for line in lines if line.startswith("#include")]
-    body = [line for line in lines if not line.startswith("#include")]
-    printing = 'for (int64_t i = 0; i < weights.numel(); ++i) std::printf("%.9g\\n", weights[i].item<float>());'
-    source = "\n".join([*includes, "#include <cstdio>", "int main() {", *body, printing, "}"]) + "\n"
-    result = subprocess.run([str(_torch_snippet_binary(source))], cwd=ROOT, capture_output=True, text=True, timeout=120)
+def test_libtorch_snippet_compiles_and_runs_from_the_repository_root(binaries):  # noqa: F811
+    # test_cpp.write_snippets wraps the snippet in a function that dwa_trainer compiles in:
+    # one LibTorch translation unit for the trainer and the snippet, in the shared CMake build.
+    (block,) = [block for block in CPP_BLOCKS if "torch::jit::load" in block]
+    assert block.startswith("#include <torch/script.h>\n"), block
+    result = subprocess.run([str(binaries / "dwa_trainer"), "--readme-snippet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose([float(w) for w in result.stdout.split()], HAND_WORKED, atol=1e-6)

@@ -1,8 +1,15 @@
-"""Writes the shared corpus of checkpoint states: valid/*.json load in every history, invalid/*.json in none.
+"""Writes the shared corpus of checkpoint states, loaded by DWAHistory, NumpyDWAHistory and dwa::History (C++):
 
-tests/test_state_format.py loads each file into DWAHistory, NumpyDWAHistory and
-dwa::History (C++) and checks that all three agree. Run this script after
-changing the format, then commit the files: ``python tests/state_corpus/generate.py``.
+- valid/*.json: all three accept them and agree on the state they write back and on inputs();
+- invalid/*.json: all three reject them;
+- python_only/*.json: not strict JSON (NaN or Infinity, a number beyond the double range)
+  where the format allows a non-finite value: Python's json module reads them and the
+  Python histories accept them; nlohmann/json, and so the C++ history, refuses them.
+
+Fixed-K and task-name mismatches are not corpus cases: they depend on the loading
+history, and tests/test_cpp.py covers them. tests/test_state_format.py loads every file.
+Run this script after changing the format, then commit the files:
+``python tests/state_corpus/generate.py``.
 """
 
 from __future__ import annotations
@@ -14,7 +21,24 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
+EMPTY_LOG = {"batches": [], "weight": [], "averages": [], "temperature": [], "weights": []}
 BASE = {
+    "format": "dwa_export.history",
+    "version": 3,
+    "num_tasks": 2,
+    "tasks": None,
+    "dtype": "float32",
+    "averages": [[1.0, 2.0], [0.5, 1.5]],
+    "partial": [None, 1, 3, 3.0, [0.75, 3.0]],
+    "log": {
+        "batches": [2, 3],
+        "weight": [2.0, 3.0],
+        "averages": [[1.0, 2.0], [0.5, 1.5]],
+        "temperature": [None, 2.0],
+        "weights": [None, [0.9, 1.1]],
+    },
+}
+V2 = {
     "format": "dwa_export.history",
     "version": 2,
     "num_tasks": 2,
@@ -23,17 +47,7 @@ BASE = {
     "partial": [None, 1, "float32", 3, 3.0, [0.75, 3.0]],
     "log": {"batches": [2, 3], "weight": [2.0, 3.0], "averages": [[1.0, 2.0], [0.5, 1.5]]},
 }
-V1 = {
-    "format": "dwa_export.history",
-    "version": 1,
-    "num_tasks": 2,
-    "averages": [[1.0, 2.0], [0.5, 1.5]],
-    "dtype": "float32",
-    "epoch_sum": [0.75, 3.0],
-    "epoch_weight": 1.0,
-    "epoch_tensor_weight": 2.0,
-}
-EMPTY_LOG = {"batches": [], "weight": [], "averages": []}
+V2_EMPTY_LOG = {"batches": [], "weight": [], "averages": []}
 
 
 def state(base=BASE, **changes) -> dict:
@@ -43,9 +57,21 @@ def state(base=BASE, **changes) -> dict:
 
 
 def partial(**fields) -> list:
-    names = ("rank", "world_size", "dtype", "batches", "weight", "sums")
+    """BASE's running epoch (version 3), changed."""
+    names = ("rank", "world_size", "batches", "weight", "sums")
     values = dict(zip(names, BASE["partial"]), **fields)
     return [values[name] for name in names]
+
+
+def partial_v2(**fields) -> list:
+    names = ("rank", "world_size", "dtype", "batches", "weight", "sums")
+    values = dict(zip(names, V2["partial"]), **fields)
+    return [values[name] for name in names]
+
+
+def log(**columns) -> dict:
+    """A one-entry version-3 log, changed."""
+    return dict({"batches": [1], "weight": [1.0], "averages": [[1.0, 2.0]], "temperature": [None], "weights": [None]}, **columns)
 
 
 def dumps(value) -> bytes:
@@ -55,44 +81,58 @@ def dumps(value) -> bytes:
 VALID: dict[str, bytes] = {
     "fresh": dumps(state(num_tasks=None, averages=[], partial=None, log=EMPTY_LOG)),
     "k_known_nothing_recorded": dumps(state(averages=[], partial=None, log=EMPTY_LOG)),
-    "warm_up_one_average": dumps(state(averages=[[1.0, 2.0]], log={"batches": [1], "weight": [1.0], "averages": [[1.0, 2.0]]})),
+    "warm_up_one_average": dumps(state(averages=[[1.0, 2.0]], log=log())),
     "ready_mid_epoch_float32": dumps(BASE),
     "ready_at_epoch_boundary": dumps(state(partial=None)),
-    "mid_epoch_float64": dumps(state(partial=partial(dtype="float64", sums=[0.1, 1 / 3]))),
+    "mid_epoch_float64": dumps(state(dtype="float64", partial=partial(sums=[0.1, 1 / 3]))),
+    "float64_at_epoch_boundary": dumps(state(dtype="float64", partial=None, averages=[[0.1, 0.2], [1 / 3, 0.7]], log=EMPTY_LOG)),
+    "float32_sums_of_any_double": dumps(state(partial=partial(sums=[0.1, 1 / 3]))),
     "named_tasks": dumps(state(tasks=["seg", "depth"])),
     "unicode_task_names": dumps(state(tasks=["\u00e9t\u00e9", "\U0001f600"])),
     "escaped_key": dumps(state()).replace(b'"format"', b'"\\u0066ormat"'),
-    "duplicate_key_last_wins": dumps(state()).replace(b'"version": 2', b'"version": 3, "version": 2'),
-    "integers_as_floats": dumps(state(averages=[[1, 2], [3, 4]], log={"batches": [1, 1], "weight": [1, 2], "averages": [[1, 2], [3, 4]]})),
-    "minus_zero_integer_in_sums": dumps(state(partial=partial(sums=[-0, 1]))).replace(b"[0, 1]", b"[-0, 1]"),
+    "duplicate_key_last_wins": dumps(state()).replace(b'"version": 3', b'"version": 4, "version": 3'),
+    "integers_as_floats": dumps(state(averages=[[1, 2], [3, 4]], log=log(weight=[2], averages=[[1, 2]], temperature=[3], weights=[[0, 2]]))),
+    "minus_zero_integer_in_sums": dumps(state(partial=partial(sums=[0, 1]))).replace(b"[0, 1]", b"[-0, 1]"),
     "underflow_to_zero_in_sums": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(b"[0.0, 1.0]", b"[1e-400, 1.0]"),
-    "invalid_weight_marker_nan": dumps(state(partial=partial(weight=math.nan))),
-    "infinite_sums": dumps(state(partial=partial(sums=[math.inf, 1.0]))),
+    "big_integer_in_sums": dumps(state(partial=partial(sums=[10**30, 2**64]))),
     "zero_weight_batch": dumps(state(partial=partial(batches=1, weight=0.0, sums=[0.0, 0.0]))),
     "partial_weight_minus_zero": dumps(state(partial=partial(weight=-0.0))),  # written back as 0.0
     "negative_losses_one_sign": dumps(state(averages=[[-1.0, 2.0], [-0.5, 1.5]], log=EMPTY_LOG)),
     "consolidated_group_epoch": dumps(state(partial=partial(world_size=4))),
+    "largest_counts": dumps(state(partial=partial(world_size=2**24, batches=2**53), log=log(batches=[2**53]))),
+    "log_weights_zero_and_tiny_weight": dumps(state(log=log(weight=[5e-324], weights=[[0.0, 2.0]], temperature=[0.5]))),
     "whitespace_everywhere": json.dumps(BASE, indent="\t").replace("\n", "\r\n").encode(),
     "thousand_tasks": dumps(state(num_tasks=1000, averages=[[1.0] * 1000], partial=None, log=EMPTY_LOG)),
-    "version_1_mid_epoch": dumps(V1),
-    "version_1_epoch_boundary": dumps(state(V1, epoch_sum=[0.0, 0.0], epoch_weight=0.0, epoch_tensor_weight=None)),
-    "version_1_nothing_recorded": dumps(state(V1, num_tasks=None, averages=[], dtype=None, epoch_sum=None, epoch_weight=0.0, epoch_tensor_weight=None)),
-    "version_1_nan_tensor_weight": dumps(state(V1, epoch_tensor_weight=math.nan)),
+    # Version 2: dtype from the running epoch, float32 without one; no temperatures or weights.
+    "version_2_mid_epoch_float32": dumps(V2),
+    "version_2_mid_epoch_float64": dumps(state(V2, partial=partial_v2(dtype="float64", sums=[0.1, 1 / 3]))),
+    "version_2_epoch_boundary": dumps(state(V2, partial=None)),
+    "version_2_fresh": dumps(state(V2, num_tasks=None, averages=[], partial=None, log=V2_EMPTY_LOG)),
+    "version_2_named_tasks": dumps(state(V2, tasks=["seg", "depth"])),
+    "version_2_float32_sums_of_any_double": dumps(state(V2, partial=partial_v2(sums=[0.1, 1.0]))),
+    "version_2_consolidated_group_epoch": dumps(state(V2, partial=partial_v2(world_size=2))),
 }
 
 INVALID: dict[str, bytes] = {
     "not_a_dict": b"[1, 2]",
     "format_missing": dumps({k: v for k, v in BASE.items() if k != "format"}),
     "format_wrong": dumps(state(format="dwa_export.other")),
-    "version_3": dumps(state(version=3)),
+    "version_1_is_a_clear_error": dumps({"format": "dwa_export.history", "version": 1, "num_tasks": 2,
+                                         "averages": [], "dtype": None, "epoch_sum": None, "epoch_weight": 0.0,
+                                         "epoch_tensor_weight": None}),  # fmt: skip
+    "version_4": dumps(state(version=4)),
+    "version_missing": dumps({k: v for k, v in BASE.items() if k != "version"}),
     "version_true": dumps(state(version=True)),
-    "version_float": dumps(state(version=2.0)),
-    "version_string": dumps(state(version="2")),
+    "version_float": dumps(state(version=3.0)),
+    "version_string": dumps(state(version="3")),
     "key_missing": dumps({k: v for k, v in BASE.items() if k != "log"}),
     "key_extra": dumps(state(extra=1)),
+    "dtype_missing": dumps({k: v for k, v in BASE.items() if k != "dtype"}),
+    "dtype_float16": dumps(state(dtype="float16")),
+    "dtype_null": dumps(state(dtype=None)),
     "num_tasks_zero": dumps(state(num_tasks=0)),
     "num_tasks_negative": dumps(state(num_tasks=-1)),
-    "num_tasks_4e9": dumps(state(num_tasks=4_000_000_000)),
+    "num_tasks_beyond_2e20": dumps(state(num_tasks=2**20 + 1, averages=[], partial=None, log=EMPTY_LOG)),
     "num_tasks_10e19": dumps(state(num_tasks=10**19)),
     "num_tasks_2e64": dumps(state(num_tasks=2**64)),
     "num_tasks_1e30_float": dumps(state(num_tasks=1e30)),
@@ -104,24 +144,20 @@ INVALID: dict[str, bytes] = {
     "tasks_not_a_list": dumps(state(tasks="ab")),
     "tasks_not_strings": dumps(state(tasks=["a", 5])),
     "tasks_lone_surrogate": dumps(state(tasks=["a", "\ud800"])),
+    "tasks_without_num_tasks": dumps(state(num_tasks=None, tasks=["a", "b"], averages=[], partial=None, log=EMPTY_LOG)),
     "averages_three": dumps(state(averages=[[1.0, 2.0]] * 3)),
     "averages_wrong_length": dumps(state(averages=[[1.0, 2.0, 3.0]])),
     "averages_zero": dumps(state(averages=[[1.0, 0.0]])),
-    "averages_nan": dumps(state(averages=[[1.0, math.nan]])),
     "averages_overflow_to_inf": dumps(state(averages=[[1.0, 2.0]])).replace(b"[[1.0, 2.0]]", b"[[1.0, 1e400]]"),
+    "averages_nan": dumps(state(averages=[[1.0, math.nan]])),
     "averages_underflow_to_zero": dumps(state(averages=[[1.0, 2.0]])).replace(b"[[1.0, 2.0]]", b"[[1.0, 1e-400]]"),
     "averages_sign_change": dumps(state(averages=[[1.0, 2.0], [-1.0, 2.0]])),
     "averages_huge_integer": dumps(state(averages=[[1.0, 10**400]])),
     "averages_bool": dumps(state(averages=[[1.0, True]])),
     "averages_without_num_tasks": dumps(state(num_tasks=None, partial=None, log=EMPTY_LOG)),
     "partial_as_dict": dumps(state(partial={"sums": [1.0, 1.0]})),
-    "partial_wrong_arity": dumps(state(partial=BASE["partial"][:5])),
-    "partial_dtype_float": dumps(state(partial=partial(dtype="float"))),
-    "partial_dtype_float16": dumps(state(partial=partial(dtype="float16"))),
-    "partial_dtype_bfloat16": dumps(state(partial=partial(dtype="bfloat16"))),
-    "partial_dtype_float8": dumps(state(partial=partial(dtype="float8_e4m3fn"))),
-    "partial_dtype_int64": dumps(state(partial=partial(dtype="int64"))),
-    "partial_dtype_bogus": dumps(state(partial=partial(dtype="bogus"))),
+    "partial_wrong_arity": dumps(state(partial=BASE["partial"][:4])),
+    "partial_of_version_2_in_version_3": dumps(state(partial=V2["partial"])),
     "partial_weight_negative": dumps(state(partial=partial(weight=-0.5))),
     "partial_weight_minus_infinity": dumps(state(partial=partial(weight=-math.inf))),
     "partial_weight_string": dumps(state(partial=partial(weight="1"))),
@@ -129,59 +165,87 @@ INVALID: dict[str, bytes] = {
     "partial_batches_zero": dumps(state(partial=partial(batches=0))),
     "partial_batches_float": dumps(state(partial=partial(batches=1.0))),
     "partial_batches_bool": dumps(state(partial=partial(batches=True))),
-    "partial_batches_beyond_2e53": dumps(state(partial=partial(batches=2**60))),
+    "partial_batches_beyond_2e53": dumps(state(partial=partial(batches=2**53 + 1))),
     "partial_rank_with_one_process": dumps(state(partial=partial(rank=0))),
     "partial_rank_out_of_range": dumps(state(partial=partial(rank=2, world_size=2))),
+    "partial_rank_negative": dumps(state(partial=partial(rank=-1, world_size=2))),
     "partial_world_zero": dumps(state(partial=partial(world_size=0))),
-    "partial_world_huge": dumps(state(partial=partial(world_size=2**30))),
-    "partial_rank_of_another_world": dumps(state(partial=partial(rank=1, world_size=2))),
+    "partial_world_beyond_2e24": dumps(state(partial=partial(world_size=2**24 + 1))),
+    "partial_rank_0_of_2_on_one_process": dumps(state(partial=partial(rank=0, world_size=2))),
+    "partial_rank_1_of_2_on_one_process": dumps(state(partial=partial(rank=1, world_size=2))),
     "partial_sums_wrong_length": dumps(state(partial=partial(sums=[1.0]))),
-    "partial_sums_not_float32": dumps(state(partial=partial(sums=[0.1, 1.0]))),
     "partial_sums_huge_integer": dumps(state(partial=partial(sums=[10**400, 1.0]))),
+    "partial_sums_string": dumps(state(partial=partial(sums=["1", 1.0]))),
     "partial_without_num_tasks": dumps(state(num_tasks=None, averages=[], log=EMPTY_LOG)),
     "log_as_list": dumps(state(log=[])),
-    "log_key_missing": dumps(state(log={"batches": [], "weight": []})),
+    "log_key_missing": dumps(state(log={k: v for k, v in EMPTY_LOG.items() if k != "weights"})),
     "log_key_extra": dumps(state(log=dict(EMPTY_LOG, epoch=[]))),
-    "log_lengths_differ": dumps(state(log={"batches": [1], "weight": [], "averages": []})),
-    "log_batches_zero": dumps(state(log={"batches": [0], "weight": [1.0], "averages": [[1.0, 2.0]]})),
-    "log_weight_zero": dumps(state(log={"batches": [1], "weight": [0.0], "averages": [[1.0, 2.0]]})),
-    "log_weight_nan": dumps(state(log={"batches": [1], "weight": [math.nan], "averages": [[1.0, 2.0]]})),
-    "log_averages_wrong_length": dumps(state(log={"batches": [1], "weight": [1.0], "averages": [[1.0]]})),
-    "log_averages_sign_change": dumps(state(log={"batches": [1, 1], "weight": [1.0, 1.0], "averages": [[1.0, 2.0], [1.0, -2.0]]})),
+    "log_of_version_2_in_version_3": dumps(state(log=V2_EMPTY_LOG)),
+    "log_lengths_differ": dumps(state(log=log(weights=[]))),
+    "log_column_not_a_list": dumps(state(log=log(temperature=None))),
+    "log_batches_zero": dumps(state(log=log(batches=[0]))),
+    "log_batches_float": dumps(state(log=log(batches=[1.0]))),
+    "log_weight_zero": dumps(state(log=log(weight=[0.0]))),
+    "log_weight_nan": dumps(state(log=log(weight=[math.nan]))),
+    "log_averages_wrong_length": dumps(state(log=log(averages=[[1.0]]))),
+    "log_averages_sign_change": dumps(state(log={"batches": [1, 1], "weight": [1.0, 1.0], "averages": [[1.0, 2.0], [1.0, -2.0]],
+                                                 "temperature": [None, None], "weights": [None, None]})),  # fmt: skip
+    "log_temperature_zero": dumps(state(log=log(temperature=[0.0]))),
+    "log_temperature_negative": dumps(state(log=log(temperature=[-2.0]))),
+    "log_temperature_infinite": dumps(state(log=log(temperature=[math.inf]))),
+    "log_temperature_string": dumps(state(log=log(temperature=["2"]))),
+    "log_temperature_bool": dumps(state(log=log(temperature=[True]))),
+    "log_weights_wrong_length": dumps(state(log=log(weights=[[1.0]]))),
+    "log_weights_negative": dumps(state(log=log(weights=[[1.0, -1.0]]))),
+    "log_weights_nan": dumps(state(log=log(weights=[[1.0, math.nan]]))),
+    "log_weights_bool": dumps(state(log=log(weights=[[1.0, False]]))),
     "log_without_num_tasks": dumps(state(num_tasks=None, averages=[], partial=None)),
-    "version_1_weight_negative": dumps(state(V1, epoch_weight=-0.5)),
-    "version_1_tensor_weight_string": dumps(state(V1, epoch_tensor_weight="x")),
-    "version_1_dtype_bogus_without_sums": dumps(state(V1, dtype="bogus", epoch_sum=None, epoch_weight=0.0, epoch_tensor_weight=None)),
-    "version_1_dtype_float": dumps(state(V1, dtype="float")),
-    "version_1_num_tasks_zero": dumps(state(V1, num_tasks=0)),
-    "version_1_key_missing": dumps({k: v for k, v in V1.items() if k != "dtype"}),
-    "version_1_weight_without_sums": dumps(state(V1, epoch_sum=None)),
-    "version_1_with_version_2_keys": dumps(state(V1, partial=None)),
-    # Texts that are not JSON, as Python's json module sees it.
+    # Version 2.
+    "version_2_with_dtype": dumps(state(V2, dtype="float32")),
+    "version_2_partial_of_version_3": dumps(state(V2, partial=BASE["partial"])),
+    "version_2_partial_dtype_float": dumps(state(V2, partial=partial_v2(dtype="float"))),
+    "version_2_partial_dtype_float16": dumps(state(V2, partial=partial_v2(dtype="float16"))),
+    "version_2_partial_dtype_bogus": dumps(state(V2, partial=partial_v2(dtype=5))),
+    "version_2_partial_rank_of_another_world": dumps(state(V2, partial=partial_v2(rank=1, world_size=2))),
+    "version_2_partial_weight_negative": dumps(state(V2, partial=partial_v2(weight=-1.0))),
+    "version_2_log_of_version_3": dumps(state(V2, log=EMPTY_LOG)),
+    "version_2_log_lengths_differ": dumps(state(V2, log={"batches": [1], "weight": [], "averages": []})),
+    "version_2_averages_sign_change": dumps(state(V2, averages=[[1.0, 2.0], [-1.0, 2.0]])),
+    # Texts that are not JSON for Python's json module nor for nlohmann/json.
     "json_leading_dot": dumps(state(partial=partial(weight=0.5))).replace(b"0.5", b".5"),
     "json_trailing_dot": dumps(state(partial=partial(weight=3.0))).replace(b"3.0, [", b"3., ["),
-    "json_leading_zero": dumps(state(partial=partial(batches=3))).replace(b'"float32", 3', b'"float32", 03'),
+    "json_leading_zero": dumps(state(partial=partial(batches=3))).replace(b"1, 3, 3.0", b"1, 03, 3.0"),
     "json_raw_newline_in_string": dumps(state(tasks=["a", "b"])).replace(b'"b"', b'"b\nc"'),
     "json_raw_tab_in_string": dumps(state(tasks=["a", "b"])).replace(b'"b"', b'"b\tc"'),
     "json_invalid_utf8": dumps(state(tasks=["a", "b"])).replace(b'"b"', b'"b\xff"'),
     "json_invalid_escape": dumps(state(tasks=["a", "b"])).replace(b'"b"', b'"\\y"'),
     "json_trailing_comma": dumps(BASE)[:-1] + b", }",
     "json_truncated": dumps(BASE)[:-7],
-    "json_byte_order_mark": b"\xef\xbb\xbf" + dumps(BASE),
     "json_empty": b"",
     "json_two_values": dumps(BASE) + b" {}",
+    "json_comment": b"// a comment\n" + dumps(BASE),
+}
+
+PYTHON_ONLY: dict[str, bytes] = {
+    "partial_weight_nan": dumps(state(partial=partial(weight=math.nan))),
+    "partial_weight_infinity": dumps(state(partial=partial(weight=math.inf))),
+    "partial_sums_infinity": dumps(state(partial=partial(sums=[math.inf, 1.0]))),
+    "partial_sums_nan": dumps(state(partial=partial(sums=[-math.inf, math.nan]))),
+    "partial_sums_beyond_the_double_range": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(b"[0.0, 1.0]", b"[1e400, 1.0]"),
+    "partial_weight_beyond_the_double_range": dumps(state(partial=partial(weight=3.0))).replace(b"3.0, [", b"1e400, ["),
+    "version_2_partial_weight_nan": dumps(state(V2, partial=partial_v2(weight=math.nan))),
 }
 
 
 def main() -> None:
-    for kind, cases in (("valid", VALID), ("invalid", INVALID)):
+    for kind, cases in (("valid", VALID), ("invalid", INVALID), ("python_only", PYTHON_ONLY)):
         folder = HERE / kind
+        folder.mkdir(exist_ok=True)
         for old in folder.glob("*.json"):
             old.unlink()
-        folder.mkdir(exist_ok=True)
         for name, text in cases.items():
             (folder / f"{name}.json").write_bytes(text)
-    print(f"wrote {len(VALID)} valid and {len(INVALID)} invalid states under {HERE}")
+    print(f"wrote {len(VALID)} valid, {len(INVALID)} invalid and {len(PYTHON_ONLY)} Python-only states under {HERE}")
 
 
 if __name__ == "__main__":
