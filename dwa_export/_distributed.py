@@ -18,9 +18,9 @@ from dataclasses import astuple, dataclass, fields
 import torch
 import torch.distributed as dist
 
-from ._state import Share
+from ._state import RunningEpoch, Share, resolve_partial
 
-__all__ = ["GroupEpoch", "Header", "Operation", "PartialEpochWarning", "RankMismatchError", "exchange", "rank_in"]
+__all__ = ["GroupEpoch", "GroupSync", "LocalEpoch", "Operation", "PartialEpochWarning", "RankMismatchError"]
 
 DTYPES = ("float32", "float64")  # Header.dtype is the index + 1
 
@@ -69,11 +69,6 @@ class Header:
         return cls(*(value if field.type == "float" else int(value) for field, value in zip(fields(cls), row)))
 
 
-def names_code(tasks: Sequence[str] | None) -> int:
-    """The same number on every rank for the same names in the same order (unlike ``hash``)."""
-    return 0 if tasks is None else (1 << 32) | zlib.crc32("\0".join(tasks).encode())
-
-
 @dataclass(frozen=True)
 class GroupEpoch:
     """The running epoch of the whole group, the same on every rank."""
@@ -86,23 +81,106 @@ class GroupEpoch:
     missing: tuple[int, ...]  # ranks whose batches before a checkpoint were lost with it
 
 
-def rank_in(process_group: dist.ProcessGroup | None) -> tuple[int, int] | None:
-    """``(rank, world_size)`` in the group, or ``None`` when ``torch.distributed`` is not initialised."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    rank = dist.get_rank(process_group)
-    if rank < 0:
-        raise RuntimeError(
-            f"this process (global rank {dist.get_rank()}) is not a member of the history's process_group, so it "
-            "cannot take part in step(): create the history with distributed=False on processes outside the group"
+@dataclass(frozen=True)
+class LocalEpoch:
+    """What a history knows of itself and of this rank's running epoch."""
+
+    num_tasks: int | None
+    tasks: tuple[str, ...] | None
+    dtype: str
+    epochs: int
+    batches: int
+    weight: float
+    sums: torch.Tensor | None
+
+
+class GroupSync:
+    """A history's link to its process group: which rank this is, and where its part of the running epoch is.
+
+    It remembers the rank and world size, so that a checkpoint taken after the
+    group is gone still says whose running epoch it holds.
+    """
+
+    def __init__(self, distributed: bool, process_group: dist.ProcessGroup | None, allow_empty_ranks: bool) -> None:
+        self.distributed = distributed
+        self.process_group = process_group
+        self.allow_empty_ranks = allow_empty_ranks
+        self.share = Share.OWN  # where this rank's part of a resumed running epoch is
+        self.consolidated: tuple[int, RunningEpoch] | None = None  # (this rank's batches then, the group's epoch)
+        self.process = (0, 1)  # (rank, world_size), as last seen
+        self.live()
+
+    def live(self) -> bool:
+        """Whether there are other ranks to agree with now; refreshes :attr:`process`."""
+        if not (self.distributed and dist.is_available() and dist.is_initialized()):
+            return False
+        rank = dist.get_rank(self.process_group)
+        if rank < 0:
+            raise RuntimeError(
+                f"this process (global rank {dist.get_rank()}) is not a member of the history's process_group, "
+                "so it cannot take part in step(): create the history with distributed=False on processes outside it"
+            )
+        self.process = rank, dist.get_world_size(self.process_group)
+        return self.process[1] > 1
+
+    def epoch(self, operation: Operation, local: LocalEpoch, temperature: float | None = None) -> GroupEpoch:
+        """The group's running epoch: a collective when other ranks are live, else this rank's own."""
+        if not self.live():
+            sums = () if local.sums is None or local.batches == 0 else tuple(local.sums.tolist())
+            return GroupEpoch(local.num_tasks, local.dtype, local.batches, local.weight, sums, ())
+        header = Header(
+            operation=operation,
+            num_tasks=local.num_tasks or 0,
+            tasks=names_code(local.tasks),
+            dtype=DTYPES.index(local.dtype) + 1,
+            epochs=local.epochs,
+            temperature=temperature or 0.0,
+            allow_empty_ranks=int(self.allow_empty_ranks),
+            batches=local.batches,
+            weight=local.weight,
+            share=self.share.value,
         )
-    return rank, dist.get_world_size(process_group)
+        return _exchange(header, local.sums, *self.process, self.process_group)
+
+    def consolidate(self, local: LocalEpoch) -> GroupEpoch | None:
+        """Gather the group's running epoch for :meth:`partial` (a collective); ``None`` without other ranks."""
+        if not self.live():
+            return None
+        epoch = self.epoch(Operation.CONSOLIDATE, local)
+        group = RunningEpoch(None, self.process[1], epoch.batches, epoch.weight, epoch.sums)
+        self.consolidated = (local.batches, group) if epoch.batches else None
+        return epoch
+
+    def partial(self, batches: int, weight: float, sums: tuple[float, ...]) -> RunningEpoch | None:
+        """The running epoch a checkpoint of this rank holds: the group's after :meth:`consolidate`, if this
+        rank recorded nothing since, else its own part."""
+        self.live()
+        if self.consolidated is not None and self.consolidated[0] == batches:
+            return self.consolidated[1]
+        if batches == 0:
+            return None
+        rank, world_size = self.process
+        return RunningEpoch(None if world_size == 1 else rank, world_size, batches, weight, sums)
+
+    def resolve(self, partial: RunningEpoch | None) -> tuple[RunningEpoch | None, Share]:
+        """What this rank takes of a checkpoint's running epoch (see ``resolve_partial``); changes nothing."""
+        self.live()
+        return resolve_partial(partial, *self.process)
+
+    def clear(self, share: Share = Share.OWN) -> None:
+        self.share = share
+        self.consolidated = None
 
 
-def exchange(
+def names_code(tasks: Sequence[str] | None) -> int:
+    """The same number on every rank for the same names in the same order (unlike ``hash``)."""
+    return 0 if tasks is None else (1 << 32) | zlib.crc32("\0".join(tasks).encode())
+
+
+def _exchange(
     header: Header, sums: torch.Tensor | None, rank: int, world_size: int, process_group: dist.ProcessGroup | None
 ) -> GroupEpoch:
-    """Every rank's header, checked for agreement, then the summed loss sums. A collective."""
+    """Every rank's header, checked for agreement, then the summed loss sums."""
     device = _collective_device(process_group)
     rows = torch.zeros(world_size, len(fields(Header)), dtype=torch.float64, device=device)
     rows[rank] = torch.tensor(header.row(), dtype=torch.float64)

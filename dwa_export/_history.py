@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, Union
@@ -11,27 +10,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._distributed import (
-    DTYPES,
-    GroupEpoch,
-    Header,
-    Operation,
-    PartialEpochWarning,
-    exchange,
-    names_code,
-    partial_epoch_message,
-    rank_in,
-)
+from ._distributed import GroupEpoch, GroupSync, LocalEpoch, Operation, PartialEpochWarning, partial_epoch_message
 from ._epochs import EpochHistory, check_batch_weight, check_temperature
-from ._state import HistoryState, RunningEpoch, Share, resolve_partial
-from ._tensors import accumulator_dtype, state_tensor
+from ._running import RunningSums
+from ._state import HistoryState
 
 __all__ = ["DWAHistory", "Losses"]
 
 #: What ``record()`` and ``DWA`` accept as one batch of task losses.
 Losses = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
-
-_is_compiling = torch.compiler.is_compiling
 
 
 class DWAHistory:
@@ -107,78 +94,41 @@ class DWAHistory:
         allow_empty_ranks: bool = False,
     ) -> None:
         self._epochs = EpochHistory(num_tasks, tasks)
-        self.distributed = distributed
-        self.process_group = process_group
-        self.allow_empty_ranks = allow_empty_ranks
+        self._running = RunningSums(self._epochs.num_tasks)
+        self._sync = GroupSync(distributed, process_group, allow_empty_ranks)
         self._dtype = torch.float32  # of inputs(); float64 once float64 losses were recorded
-        # The running epoch. [1], not 0-d: torch.compile loses in-place updates of
-        # 0-d float64 tensors (torch 2.13).
-        self._weight = state_tensor(lambda: torch.zeros(1, dtype=torch.float64))
-        self._batches = state_tensor(lambda: torch.zeros(1, dtype=torch.float64))
-        self._sums: Tensor | None = None  # [K], once K is known
-        if self._epochs.num_tasks is not None:
-            self._sums = self._zeros(self._epochs.num_tasks)
-        self._share = Share.OWN  # where this rank's part of a resumed epoch is
-        self._consolidated: tuple[int, RunningEpoch] | None = None  # (own batches then, the group's epoch)
-        self._process = (0, 1)  # the last (rank, world_size) seen, for state_dict() after the group is gone
-        self._rank()
 
-    # ------------------------------------------------------------------ queries
-    @property
-    def num_tasks(self) -> int | None:
-        """K: given to the constructor, or fixed by the first :meth:`record` or a checkpoint."""
-        return self._epochs.num_tasks
-
-    @property
-    def tasks(self) -> tuple[str, ...] | None:
-        """The task names (given to the constructor or loaded from a checkpoint), if any."""
-        return self._epochs.tasks
-
-    @property
-    def ready(self) -> bool:
-        """Whether two epoch averages exist, i.e. whether the weights are past the warm-up."""
-        return self._epochs.ready
-
-    @property
-    def averages(self) -> tuple[tuple[float, ...], ...]:
-        """The stored epoch averages as floats, oldest first (at most two)."""
-        return self._epochs.averages
-
-    @property
-    def epochs(self) -> int:
-        """The number of epochs closed by :meth:`step` since the start (or :meth:`reset`)."""
-        return len(self._epochs.log)
+    num_tasks = property(lambda self: self._epochs.num_tasks, doc="K: given, or fixed by the first batch or a checkpoint.")
+    tasks = property(lambda self: self._epochs.tasks, doc="The task names (given or loaded from a checkpoint), if any.")
+    ready = property(lambda self: self._epochs.ready, doc="Whether two epoch averages exist: the weights are past the warm-up.")
+    averages = property(lambda self: self._epochs.averages, doc="The stored epoch averages as floats, oldest first (at most two).")
+    epochs = property(lambda self: len(self._epochs.log), doc="The number of epochs closed since the start (or reset()).")
+    device = property(lambda self: self._running.device, doc="Where the running sums live.")
+    dtype = property(lambda self: self._dtype, doc="The dtype of inputs(): float32, or float64 once float64 losses were recorded.")
+    distributed = property(lambda self: self._sync.distributed, doc="Whether step() sums over the process group.")
+    process_group = property(lambda self: self._sync.process_group, doc="The group step() sums over (None: the world).")
+    allow_empty_ranks = property(lambda self: self._sync.allow_empty_ranks, doc="Whether ranks may record no batch in an epoch.")
 
     @property
     def log(self) -> list[dict[str, Any]]:
         """One JSON-friendly dict per successful :meth:`step`.
 
-        ``epoch``, ``averages``, ``batches`` (``record()`` calls, of all processes
-        under ``torch.distributed``), ``weight`` (their weight sum), and
-        ``temperature`` and ``weights`` (``None`` unless :meth:`log_weights` was
-        called, as ``DWA`` does). Saved in :meth:`state_dict`; :meth:`reset` clears it.
+        ``epoch``, ``averages``, ``batches`` (``record()`` calls, of all ranks under
+        ``torch.distributed``), ``weight`` (their weight sum), and ``temperature`` and
+        ``weights`` (``None`` unless :meth:`log_weights` was called, as ``DWA`` does).
+        Saved in :meth:`state_dict`; :meth:`reset` clears it.
         """
         return self._epochs.entries()
-
-    @property
-    def device(self) -> torch.device:
-        """Where the running sums live."""
-        return self._weight.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of :meth:`inputs`: float32, or float64 once float64 losses were recorded."""
-        return self._dtype
 
     # ------------------------------------------------------------------ per batch
     def as_losses(self, losses: Losses) -> Tensor:
         """``losses`` as one checked ``[..., K]`` tensor (stacking a list, tuple or mapping); changes nothing.
 
-        Raises ``TypeError``/``ValueError`` for anything :meth:`record` would refuse
-        because of the losses' form, dtype or K.
+        Raises ``TypeError``/``ValueError`` for the losses :meth:`record` refuses
+        for their form, dtype or K.
         """
         if isinstance(losses, Tensor):
-            tensor = losses.reshape(1) if losses.dim() == 0 else losses
+            tensor = losses if losses.dim() else losses.reshape(1)
         else:
             if isinstance(losses, Mapping):
                 losses = self._epochs.in_task_order(losses)
@@ -216,49 +166,20 @@ class DWAHistory:
         losses or weights of the wrong kind, shape, dtype or device.
         """
         rows = self.as_losses(losses).detach()
-        batched = rows.dim() > 1
         if isinstance(weight, Tensor):
             weight = _checked_weight(weight, rows)
-        elif weight is not None:
-            # A number is symbolic while compiling: it is checked on the device below.
-            check_batch_weight(1.0 if _is_compiling() else weight, batched)
-        sums = self._prepare(rows)  # everything is checked: from here on, change
-        num_tasks = rows.shape[-1]
-        if weight is None:
-            sums.add_(rows.reshape(-1, num_tasks).sum(0, dtype=sums.dtype) if batched else rows)
-            self._weight.add_(rows.numel() // num_tasks)
-        else:
-            if isinstance(weight, Tensor):
-                weight = weight.to(sums.dtype)
-            else:
-                weight = torch.full((), weight, dtype=sums.dtype, device=sums.device)
-            # A negative or NaN weight cannot raise here without a host sync: it turns the
-            # epoch's weight into NaN, which step() reports. The product is rounded before
-            # the add, as in the NumPy and C++ histories (add_(alpha=) may fuse the two).
-            weight = torch.where(weight >= 0, weight, math.nan)
-            weighted = rows.to(sums.dtype) * weight.unsqueeze(-1)
-            sums.add_(weighted.reshape(-1, num_tasks).sum(0) if batched else weighted)
-            self._weight.add_(weight.sum())
-        self._batches.add_(1)
-
-    def _prepare(self, rows: Tensor) -> Tensor:
-        """The running sums for ``rows``: fixing K, following their device, widening the precision.
-
-        Decided on metadata only, which the compiler resolves while tracing; in the
-        usual compiled loop (K known, losses on the state's device) nothing happens.
-        """
+        elif weight is not None:  # symbolic while compiling: then checked on the device
+            check_batch_weight(1.0 if torch.compiler.is_compiling() else weight, batched=rows.dim() > 1)
+        # Everything is checked; what follows is decided on metadata, which the
+        # compiler resolves while tracing: in the usual compiled loop, nothing.
         if rows.device != self.device:
             self.to(rows.device)
-        if self._sums is None:
+        if self._running.sums is None:  # the first batch fixes K (or takes the one step() learned)
             self._epochs.num_tasks = rows.shape[-1]
-            self._sums = self._zeros(rows.shape[-1])
+            self._running.resize(rows.shape[-1])
         if rows.dtype == torch.float64 and self._dtype != torch.float64:
             self._dtype = torch.float64
-        return self._sums
-
-    def _zeros(self, num_tasks: int) -> Tensor:
-        device = self.device
-        return state_tensor(lambda: torch.zeros(num_tasks, dtype=accumulator_dtype(device), device=device))
+        self._running.add(rows, weight)
 
     def to(self, device: torch.device | str) -> DWAHistory:
         """Move the running sums to ``device``; returns ``self``. From the ``meta`` device, they start at zero.
@@ -267,19 +188,8 @@ class DWAHistory:
         device of the losses it records.
         """
         device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
-        if device == self.device:
-            return self
-        dtype = accumulator_dtype(device)
-        fresh = self.device.type == "meta"  # a meta tensor holds no values to copy
-
-        def moved(tensor: Tensor) -> Tensor:
-            if fresh:
-                return state_tensor(lambda: torch.zeros(tensor.shape, dtype=dtype, device=device))
-            return state_tensor(lambda: tensor.to(device=device, dtype=dtype))
-
-        self._weight, self._batches = moved(self._weight), moved(self._batches)
-        if self._sums is not None:
-            self._sums = moved(self._sums)
+        if device != self.device:
+            self._running.to(device)
         return self
 
     # ------------------------------------------------------------------ per epoch
@@ -301,14 +211,14 @@ class DWAHistory:
                 ``torch.distributed``, checked to be the same on every rank.
         """
         temperature = None if temperature is None else check_temperature(temperature)
-        epoch = self._group_epoch(Operation.STEP, temperature)
+        epoch = self._sync.epoch(Operation.STEP, self._local(), temperature)
         if epoch.batches == 0:
             return
         self._epochs.close(epoch.batches, epoch.weight, epoch.sums, temperature)
         self._adopt(epoch)
         if epoch.missing:
             warnings.warn(partial_epoch_message(epoch.missing), PartialEpochWarning, stacklevel=2)
-        self._clear_epoch()
+        self.discard_epoch()
 
     def log_weights(self, temperature: float, weights: Sequence[float] | Tensor) -> None:
         """Store the temperature and the weights computed from the last :meth:`step` in its log entry.
@@ -324,14 +234,14 @@ class DWAHistory:
         All ones (exactly uniform weights) during the warm-up; in :attr:`dtype`, on
         ``device`` (default: the history's). Call it once per epoch, after :meth:`step`.
         """
-        loss_t1, loss_t2 = self._epochs.inputs()
-        pair = torch.tensor([loss_t1, loss_t2], dtype=torch.float64, device="cpu").to(self._dtype)
-        loss_t1_out, loss_t2_out = pair.to(self.device if device is None else device).unbind()
-        return loss_t1_out, loss_t2_out
+        pair = torch.tensor(self._epochs.inputs(), dtype=torch.float64, device="cpu").to(self._dtype)
+        loss_t1, loss_t2 = pair.to(self.device if device is None else device).unbind()
+        return loss_t1, loss_t2
 
     def discard_epoch(self) -> None:
         """Drop the batches recorded since the last :meth:`step`; the history stays."""
-        self._clear_epoch()
+        self._running.clear()
+        self._sync.clear()
 
     def reset(self) -> None:
         """Forget the history, the log, this epoch's batches and a K learned from data.
@@ -339,56 +249,8 @@ class DWAHistory:
         A K (or task names) given to the constructor is kept.
         """
         self._epochs.reset()
-        if self._epochs.num_tasks is None:
-            self._sums = None  # K may change after a reset
-        self._clear_epoch()
-
-    def _clear_epoch(self) -> None:
-        if self._sums is not None:
-            self._sums.zero_()
-        self._weight.zero_()
-        self._batches.zero_()
-        self._share = Share.OWN
-        self._consolidated = None
-
-    def _adopt(self, epoch: GroupEpoch) -> None:
-        """Take the group's K and precision (a rank that recorded nothing may not know them)."""
-        if self._epochs.num_tasks is None:
-            self._epochs.num_tasks = epoch.num_tasks
-        self._dtype = getattr(torch, epoch.dtype)
-
-    def _local(self) -> tuple[int, float]:
-        """This rank's (batches, weight) this epoch: a host read, once per epoch."""
-        weight, batches = torch.cat((self._weight, self._batches)).tolist()
-        return int(batches), weight
-
-    def _rank(self) -> tuple[int, int] | None:
-        """``(rank, world_size)`` while ``torch.distributed`` is initialised (``None`` otherwise), remembered."""
-        process = rank_in(self.process_group) if self.distributed else None
-        if process is not None:
-            self._process = process
-        return process
-
-    def _group_epoch(self, operation: Operation, temperature: float | None = None) -> GroupEpoch:
-        batches, weight = self._local()
-        process = self._rank()
-        dtype = str(self._dtype).removeprefix("torch.")
-        if process is None or process[1] == 1:
-            sums = () if self._sums is None or batches == 0 else tuple(self._sums.tolist())
-            return GroupEpoch(self.num_tasks, dtype, batches, weight, sums, ())
-        header = Header(
-            operation=operation,
-            num_tasks=self.num_tasks or 0,
-            tasks=names_code(self.tasks),
-            dtype=DTYPES.index(dtype) + 1,
-            epochs=self.epochs,
-            temperature=temperature or 0.0,
-            allow_empty_ranks=int(self.allow_empty_ranks),
-            batches=batches,
-            weight=weight,
-            share=self._share.value,
-        )
-        return exchange(header, self._sums, *process, self.process_group)
+        self._running.resize(self._epochs.num_tasks)  # K may change after a reset
+        self.discard_epoch()
 
     def consolidate_state_dict(self) -> None:
         """Gather every rank's running epoch so that any rank's :meth:`state_dict` resumes exactly.
@@ -400,36 +262,31 @@ class DWAHistory:
         ``torch.distributed.checkpoint``, resumes exactly on any number of
         processes. Training is not changed. A no-op without ``torch.distributed``.
         """
-        process = self._rank()
-        if process is None or process[1] == 1:
-            return
-        epoch = self._group_epoch(Operation.CONSOLIDATE)
-        self._consolidated = None
-        if epoch.batches > 0:
+        epoch = self._sync.consolidate(self._local())
+        if epoch is not None:
             self._adopt(epoch)
-            group = RunningEpoch(None, process[1], epoch.batches, epoch.weight, epoch.sums)
-            self._consolidated = (self._local()[0], group)
+
+    def _local(self) -> LocalEpoch:
+        batches, weight, _ = self._running.read()
+        return LocalEpoch(self.num_tasks, self.tasks, str(self._dtype)[6:], self.epochs, batches, weight, self._running.sums)
+
+    def _adopt(self, epoch: GroupEpoch) -> None:
+        """Take the group's K and precision (a rank that recorded nothing may not know them)."""
+        if self._epochs.num_tasks is None:
+            self._epochs.num_tasks = epoch.num_tasks
+        self._dtype = getattr(torch, epoch.dtype)
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """The whole state, mid-epoch included, as a JSON-serialisable dict (the format: ``dwa_export._state``).
+        """The whole state, mid-epoch included, as a JSON-serialisable dict (format: ``dwa_export._state``).
 
         No collective: safe in ``if rank == 0: torch.save(...)``. Under
         ``torch.distributed`` the running epoch is this rank's part only; see
         :meth:`consolidate_state_dict` for checkpoints that any rank can resume.
         """
-        self._rank()
-        rank, world_size = self._process
-        batches, weight = self._local()
-        if self._consolidated is not None and self._consolidated[0] == batches:
-            partial: RunningEpoch | None = self._consolidated[1]  # nothing recorded here since
-        elif batches == 0 or self._sums is None:
-            partial = None
-        else:
-            sums = tuple(self._sums.tolist())
-            partial = RunningEpoch(None if world_size == 1 else rank, world_size, batches, weight, sums)
+        partial = self._sync.partial(*self._running.read())
         epochs = self._epochs
-        dtype = str(self._dtype).removeprefix("torch.")
+        dtype = str(self._dtype)[6:]  # "torch.float32" -> "float32"
         return HistoryState(epochs.num_tasks, epochs.tasks, dtype, epochs.averages, partial, tuple(epochs.log)).to_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -438,26 +295,16 @@ class DWAHistory:
         Raises ``ValueError`` naming the field, the value and what was expected,
         changing nothing, if the state is malformed or does not fit this history
         (another K or task names than the constructor's). The running epoch is
-        taken by the rank it belongs to (see ``consolidate_state_dict()``).
+        taken by the rank it belongs to (see :meth:`consolidate_state_dict`).
         """
         state = HistoryState.from_dict(state_dict)
         self._epochs.check_fits(state)
-        self._rank()
-        partial, share = resolve_partial(state.partial, *self._process)
+        partial, share = self._sync.resolve(state.partial)
         # Validated in full: the assignments below cannot fail half-way.
         self._epochs.restore(state)
         self._dtype = getattr(torch, state.dtype)
-        if state.num_tasks is None:
-            self._sums = None
-        elif self._sums is None or self._sums.shape[0] != state.num_tasks:
-            self._sums = self._zeros(state.num_tasks)
-        self._clear_epoch()
-        self._share = share
-        if partial is not None:
-            assert self._sums is not None
-            self._sums.copy_(torch.tensor(partial.sums, dtype=torch.float64))
-            self._weight.fill_(partial.weight)
-            self._batches.fill_(partial.batches)
+        self._running.load(state.num_tasks, partial)
+        self._sync.clear(share)
 
     def __repr__(self) -> str:
         tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"

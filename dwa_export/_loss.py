@@ -67,7 +67,7 @@ class DWA(nn.Module):
         ...         loss.backward()
         ...         optimizer.step()
         ...     dwa.step()
-        >>> dwa.weights.shape, float(dwa.weights.sum())
+        >>> dwa.weights.shape, round(float(dwa.weights.sum()), 5)  # the weights sum to K
         (torch.Size([2]), 2.0)
     """
 
