@@ -16,7 +16,9 @@ def test_bench_quick_prints_every_section_and_writes_json(tmp_path, capsys):
     for heading in (
         "per-batch overhead, K=3, cpu",
         "per-batch overhead, K=16, cpu",
+        "eager train step, K=3, cpu",
         "compiled train step, K=3, cpu",
+        "two epochs of 1,000 batches",
         "checkpoint with a 200-epoch log, K=16",
         "kernel call latency",
         "batched throughput",
@@ -34,6 +36,7 @@ def test_bench_quick_prints_every_section_and_writes_json(tmp_path, capsys):
         "plain tensor copy (bandwidth reference)",
         "TorchScript / copy",
         "the same step with dwa(losses)",
+        "max |weights - float64 reference|",
         "torch.save size",
         "load_state_dict() (validates every entry)",
     ):
