@@ -120,6 +120,11 @@ def test_every_supported_opset_exports_checks_and_runs(opset):
     np.testing.assert_allclose(run(session(model_bytes), l1, l2, np.array(2.0, np.float32)), dwa_weights(l1, l2, 2.0), atol=1e-6)
 
 
+def test_the_newest_opset_comes_from_torch_itself():
+    # No public API names it: dwa_export reads torch.onnx._constants, which must still be there.
+    assert MAX_OPSET == torch.onnx._constants.ONNX_MAX_OPSET >= MIN_OPSET
+
+
 def test_an_unsupported_opset_is_a_clear_error():
     with pytest.raises(ValueError, match=f"opset 17 is not supported.*{MIN_OPSET} to {MAX_OPSET}"):
         onnx_bytes(Artifact("onnx", "float32"), 17)
