@@ -192,7 +192,9 @@ class EpochHistory:
 
     def check_num_tasks(self, num_tasks: int) -> None:
         """Raise unless a batch of ``num_tasks`` losses fits this history. Changes nothing."""
-        if self.num_tasks is not None and num_tasks != self.num_tasks:
+        if num_tasks == self.num_tasks:  # the per-batch case, first
+            return
+        if self.num_tasks is not None:
             if self.fixed_num_tasks is None:
                 remedy = "call reset() first to start a new history with another K"
             else:
