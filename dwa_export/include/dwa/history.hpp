@@ -1,26 +1,21 @@
-// dwa/history.hpp: the DWA loss history for C++ trainers. Header-only, C++17,
-// needs nlohmann/json >= 3.10 (Debian/Ubuntu: nlohmann-json3-dev; CMake:
-// find_package(nlohmann_json 3.10) and link nlohmann_json::nlohmann_json).
-// Find this header with  python -c "import dwa_export; print(dwa_export.include_dir())"
+// dwa/history.hpp: the DWA loss history for C++ trainers; header-only, C++17, needs
+// nlohmann/json >= 3.10 (Debian/Ubuntu: nlohmann-json3-dev; CMake: find_package(nlohmann_json 3.10),
+// link nlohmann_json::nlohmann_json). Folder: python -c "import dwa_export; print(dwa_export.include_dir())"
 //
-// The rules of dwa_export.DWAHistory and NumpyDWAHistory (state format version
-// 3): record() per batch, step() once per epoch, the warm-up, the per-epoch log,
-// and JSON checkpoints that move between C++, Python and NumPy.
+// The rules and the checkpoints (state format version 3) of dwa_export.DWAHistory and
+// NumpyDWAHistory: checkpoints move between C++, Python and NumPy.
 //
 //     dwa::History history;                       // float losses and inputs(); dwa::History64: double
 //     history.record(losses_of_this_batch);       // std::vector<float> of K losses
 //     history.step();                             // once per epoch; throws dwa::LossHistoryError
 //     auto [loss_t1, loss_t2] = history.inputs(); // feed the kernel (ones during the warm-up)
 //
-// Epoch average: L_k = sum_r w_r * l_rk / sum_r w_r over the rows r recorded this
-// epoch, summed in double whatever Scalar is. A row counts once without a weight;
-// one row (a [K] batch) may take a number weight (e.g. the batch size for
-// batch-mean losses); several rows may take one weight each. step() rejects an
-// average that is NaN or infinite, zero, or of another sign than the previous
-// epoch's. Every call that throws changes nothing.
-//
-// For bit parity with Python on targets with fused multiply-add, compile with
-// -ffp-contract=off (GCC's default in ISO mode, -std=c++17; not in -std=gnu++17).
+// Epoch average: L_k = sum_r w_r * l_rk / sum_r w_r over this epoch's rows, summed in double
+// whatever Scalar is. A row counts once without a weight; one row may take a number weight
+// (e.g. the batch size for batch-mean losses); several rows may take one weight each. step()
+// rejects an average that is NaN or infinite, zero, or of another sign than the previous
+// epoch's. A call that throws changes nothing. For bit parity with Python on targets with
+// fused multiply-add, compile with -ffp-contract=off (GCC's default with -std=c++17, not gnu++17).
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -125,13 +120,12 @@ Scalar narrow(double value) {
   if constexpr (std::is_same_v<Scalar, double>) {
     return value;
   } else {
-    constexpr double kMax = static_cast<double>(std::numeric_limits<float>::max());
-    constexpr double kRoundsToInf = kMax + 0x1p103;  // kMax plus half its ulp: a tie, rounded to even (inf)
-    if (std::fabs(value) >= kRoundsToInf) return value > 0 ? std::numeric_limits<float>::infinity()
-                                                           : -std::numeric_limits<float>::infinity();
-    if (std::fabs(value) > kMax) return value > 0 ? std::numeric_limits<float>::max()
-                                                  : -std::numeric_limits<float>::max();
-    return static_cast<float>(value);  // NaN stays NaN
+    constexpr float kMax = std::numeric_limits<float>::max();
+    const double magnitude = std::fabs(value);
+    if (!(magnitude > static_cast<double>(kMax))) return static_cast<float>(value);  // NaN too
+    // From kMax plus half its ulp (a tie, rounded to even) on: inf.
+    const float rounded = magnitude >= static_cast<double>(kMax) + 0x1p103 ? std::numeric_limits<float>::infinity() : kMax;
+    return value > 0 ? rounded : -rounded;
   }
 }
 
@@ -214,6 +208,14 @@ inline double number(const Json& value, const std::string& field, const std::str
   return value.get<double>();
 }
 
+// A finite number > 0, or >= 0 with zero_too.
+inline double finite(const Json& value, const std::string& field, bool zero_too = false) {
+  const char* expected = zero_too ? "a finite number >= 0" : "a finite number > 0";
+  const double out = number(value, field, expected);
+  if (!std::isfinite(out) || out < 0.0 || (out == 0.0 && !zero_too)) bad_state(field, value, expected);
+  return out;
+}
+
 inline std::vector<double> numbers(const Json& value, std::size_t k, const std::string& field) {
   const std::string expected = cat("a list of ", k, " numbers");
   if (!value.is_array() || value.size() != k) bad_state(field, value, expected);
@@ -276,21 +278,13 @@ inline void parse_log(const Json& log, bool v2, State& out) {
     const auto field = [i](const char* column) { return cat("log ", column, "[", i, "]"); };
     LogEntry entry;
     entry.batches = count(log["batches"][i], field("batches"), 1, kMaxCount);
-    entry.weight = number(log["weight"][i], field("weight"), "a finite number > 0");
-    if (!(std::isfinite(entry.weight) && entry.weight > 0.0))
-      bad_state(field("weight"), log["weight"][i], "a finite number > 0");
+    entry.weight = finite(log["weight"][i], field("weight"));
     entry.averages = numbers(log["averages"][i], out.num_tasks, field("averages"));
     chain.push_back(entry.averages);
-    if (!v2 && !log["temperature"][i].is_null()) {
-      entry.temperature = number(log["temperature"][i], field("temperature"), "null or a finite number > 0");
-      if (!(std::isfinite(*entry.temperature) && *entry.temperature > 0.0))
-        bad_state(field("temperature"), log["temperature"][i], "null or a finite number > 0");
-    }
+    if (!v2 && !log["temperature"][i].is_null()) entry.temperature = finite(log["temperature"][i], field("temperature"));
     if (!v2 && !log["weights"][i].is_null()) {
       entry.weights = numbers(log["weights"][i], out.num_tasks, field("weights"));
-      for (const double weight : *entry.weights)
-        if (!(std::isfinite(weight) && weight >= 0.0))
-          bad_state(field("weights"), log["weights"][i], "null or finite numbers >= 0");
+      for (const Json& weight : log["weights"][i]) finite(weight, field("weights"), /*zero_too=*/true);
     }
     out.log.push_back(std::move(entry));
   }
@@ -369,48 +363,22 @@ class BasicHistory {
   // Adds one batch: `rows` rows of `num_tasks` losses (row-major). A number
   // weight weighs a single row (e.g. the batch size); without one, rows count once each.
   void record(const Scalar* losses, std::size_t rows, std::size_t num_tasks, std::optional<double> weight = std::nullopt) {
-    check_batch(rows, num_tasks);
     if (weight && !(std::isfinite(*weight) && *weight >= 0.0))
       throw std::invalid_argument(detail::cat("weight must be finite and >= 0 (e.g. the batch size), got ", *weight));
     if (weight && rows > 1)
       throw std::invalid_argument(detail::cat("weight=", *weight, " is one number for ", rows,
                                               " rows, which is ambiguous: rows count once each without a weight; "
                                               "pass one weight per row for other weights"));
-    std::vector<double>& sums = start(num_tasks);
-    for (std::size_t k = 0; k < num_tasks; ++k) {
-      double sum = 0.0;
-      for (std::size_t r = 0; r < rows; ++r) sum += static_cast<double>(losses[r * num_tasks + k]);
-      if (weight) {
-        const double product = *weight * sum;  // its own statement: never fused into the add
-        sums[k] += product;
-      } else {
-        sums[k] += sum;
-      }
-    }
-    epoch_.weight += weight ? *weight : static_cast<double>(rows);
-    ++epoch_.batches;
+    add(losses, rows, num_tasks, weight ? &*weight : nullptr);
   }
 
   // Adds `rows` rows of `num_tasks` losses with one weight per row (each finite and >= 0).
   void record(const Scalar* losses, std::size_t rows, std::size_t num_tasks, const double* row_weights) {
-    check_batch(rows, num_tasks);
     for (std::size_t r = 0; r < rows; ++r)
       if (!(std::isfinite(row_weights[r]) && row_weights[r] >= 0.0))
         throw std::invalid_argument(
             detail::cat("every row weight must be finite and >= 0, got ", row_weights[r], " at row ", r));
-    std::vector<double>& sums = start(num_tasks);
-    for (std::size_t k = 0; k < num_tasks; ++k) {
-      double weighted = 0.0;
-      for (std::size_t r = 0; r < rows; ++r) {
-        const double product = static_cast<double>(losses[r * num_tasks + k]) * row_weights[r];
-        weighted += product;
-      }
-      sums[k] += weighted;
-    }
-    double total = 0.0;
-    for (std::size_t r = 0; r < rows; ++r) total += row_weights[r];
-    epoch_.weight += total;
-    ++epoch_.batches;
+    add(losses, rows, num_tasks, row_weights);
   }
 
   // Adds one batch of K losses.
@@ -505,27 +473,19 @@ class BasicHistory {
                                             "rejects this epoch: call discard_epoch() first"));
       partial = Out::array({nullptr, 1, epoch_.batches, epoch_.weight, epoch_.sums});
     }
-    Out batches = Out::array(), weight = Out::array(), averages = Out::array(), temperature = Out::array(),
-        weights = Out::array();
+    Out log = {{"batches", Out::array()}, {"weight", Out::array()}, {"averages", Out::array()},
+               {"temperature", Out::array()}, {"weights", Out::array()}};
     for (const LogEntry& entry : log_) {
-      batches.push_back(entry.batches);
-      weight.push_back(entry.weight);
-      averages.push_back(entry.averages);
-      temperature.push_back(entry.temperature ? Out(*entry.temperature) : Out());
-      weights.push_back(entry.weights ? Out(*entry.weights) : Out());
+      log["batches"].push_back(entry.batches);
+      log["weight"].push_back(entry.weight);
+      log["averages"].push_back(entry.averages);
+      log["temperature"].push_back(entry.temperature ? Out(*entry.temperature) : Out());
+      log["weights"].push_back(entry.weights ? Out(*entry.weights) : Out());
     }
-    Out state;
-    state["format"] = "dwa_export.history";
-    state["version"] = kStateVersion;
-    state["num_tasks"] = num_tasks_ ? Out(num_tasks_) : Out();
-    state["tasks"] = tasks_ ? Out(*tasks_) : Out();
-    state["dtype"] = dtype();
-    state["averages"] = averages_;
-    state["partial"] = std::move(partial);
-    state["log"] = {{"batches", std::move(batches)},         {"weight", std::move(weight)},
-                    {"averages", std::move(averages)},       {"temperature", std::move(temperature)},
-                    {"weights", std::move(weights)}};
-    return state.dump();
+    return Out{{"format", "dwa_export.history"}, {"version", kStateVersion},
+               {"num_tasks", num_tasks_ ? Out(num_tasks_) : Out()}, {"tasks", tasks_ ? Out(*tasks_) : Out()},
+               {"dtype", dtype()}, {"averages", averages_}, {"partial", std::move(partial)}, {"log", std::move(log)}}
+        .dump();
   }
 
   // Restores a state_dict() from C++, Python or NumPy (version 2 or 3). Throws
@@ -572,11 +532,24 @@ class BasicHistory {
       throw std::invalid_argument(detail::cat("losses have ", num_tasks, " tasks, more than ", kMaxTasks));
   }
 
-  // The running sums, fixing K (every check has passed).
-  std::vector<double>& start(std::size_t num_tasks) {
+  // sums[k] += sum_r loss[r][k] * w_r, weight += sum_r w_r, in double; w_r = 1 without weights
+  // (exact: the same sums). Each product is its own statement, never fused into the add.
+  void add(const Scalar* losses, std::size_t rows, std::size_t num_tasks, const double* row_weights) {
+    check_batch(rows, num_tasks);
     num_tasks_ = num_tasks;
     if (epoch_.sums.size() != num_tasks) epoch_.sums.assign(num_tasks, 0.0);
-    return epoch_.sums;
+    double total = 0.0;
+    for (std::size_t r = 0; r < rows; ++r) total += row_weights ? row_weights[r] : 1.0;
+    for (std::size_t k = 0; k < num_tasks; ++k) {
+      double weighted = 0.0;
+      for (std::size_t r = 0; r < rows; ++r) {
+        const double product = static_cast<double>(losses[r * num_tasks + k]) * (row_weights ? row_weights[r] : 1.0);
+        weighted += product;
+      }
+      epoch_.sums[k] += weighted;
+    }
+    epoch_.weight += total;
+    ++epoch_.batches;
   }
 
   std::size_t fixed_num_tasks_ = 0;
