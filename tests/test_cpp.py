@@ -349,10 +349,19 @@ SCRIPT = [
     "load [1, 2]",
     "load {\"format\": \"dwa_export.history\", \"version\": 2, \"version\": 1}",
     "state",  # unchanged by the rejected loads
-    "reset",
+    "load " + state(tasks=["seg", "depth"]),  # a history without names takes a state's names
+    "load " + state(tasks=["x", "y"]),  # and another state's
+    "state",
+    "load " + state(),  # a state without names: none
+    "state",
+    "load " + state(tasks=["seg", "depth"]),
+    "reset",  # forgets names it was not given
     "state",
     "inputs",  # K unknown again
+    "step -1",  # a bad temperature, even with nothing recorded
+    "logw -1 1 1",  # the log is empty: RuntimeError first
     "record 4 5 6",
+    "step nan",
     "state",
 ]
 
