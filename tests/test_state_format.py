@@ -234,7 +234,7 @@ def test_generated_valid_states_load_identically_everywhere(binaries, texts):  #
     assert all(assert_agree(texts, binaries))
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(mutated(), min_size=60, max_size=60))
 def test_generated_mutated_states_get_the_same_verdict_everywhere(binaries, texts):  # noqa: F811
     assert_agree(texts, binaries)
