@@ -8,7 +8,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +21,44 @@ class PlotError(Exception):
     """A problem with the user's input: printed as one line, exit status 2."""
 
 
-def _walk(value: Any, path: str = "") -> Iterator[tuple[str, Any]]:
-    """(path, value) of every dict and list inside ``value``, depth first, in order."""
-    yield path, value
-    if isinstance(value, dict):
-        for key, child in value.items():
-            if isinstance(child, (dict, list, tuple)):
-                yield from _walk(child, f"{path}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for index, child in enumerate(value):
-            if isinstance(child, (dict, list, tuple)):
-                yield from _walk(child, f"{path}[{index}]")
+def _walk(root: Any) -> Iterator[tuple[Callable[[], str], Any]]:
+    """Every dict, list and tuple inside ``root``, each object once, depth first in order.
+
+    Yields (a function giving the object's path, the object). Each object is
+    entered once however often it is referenced (a checkpoint may share one
+    list between many places, 2^60 paths in 1.7 KB), a container holding
+    itself is no loop, and no recursion means no depth limit. Paths are only
+    built when asked for, so a deep chain costs no quadratic string building.
+    """
+    seen: set[int] = set()
+    parents: dict[int, tuple[int, str]] = {}  # id -> (id of the container it was reached from, the step)
+    stack: list[tuple[Any, int | None, str]] = [(root, None, "")]
+    while stack:
+        value, parent, step = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if parent is not None:
+            parents[id(value)] = (parent, step)
+        yield (lambda key=id(value): _path(parents, key)), value
+        if isinstance(value, dict):
+            children = [(child, f"[{key!r}]") for key, child in value.items()]
+        elif isinstance(value, (list, tuple)):
+            children = [(child, f"[{index}]") for index, child in enumerate(value)]
+        else:
+            continue
+        stack.extend(
+            (child, id(value), step) for child, step in reversed(children) if isinstance(child, (dict, list, tuple))
+        )
+
+
+def _path(parents: dict[int, tuple[int, str]], key: int) -> str:
+    steps = []
+    while key in parents:
+        key, step = parents[key]
+        steps.append(step)
+    path = "".join(reversed(steps))
+    return path if len(path) <= 200 else f"{path[:100]}...{path[-97:]}"
 
 
 def find_state(checkpoint: Any) -> tuple[str, dict[str, Any], bool]:
@@ -45,9 +72,9 @@ def find_state(checkpoint: Any) -> tuple[str, dict[str, Any], bool]:
             continue
         history = value.get("history")
         if isinstance(history, dict) and history.get("format") == HISTORY_FORMAT and "temperature" in value:
-            return path, value, True
+            return path(), value, True
         if value.get("format") == HISTORY_FORMAT:
-            return path, value, False
+            return path(), value, False
     raise PlotError("no DWA state in it: expected DWA.state_dict() or DWAHistory.state_dict() somewhere inside")
 
 
@@ -61,6 +88,8 @@ def read_checkpoint(path: Path) -> Any:
             return json.loads(data.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as error:
             raise PlotError(f"not a valid JSON state ({error})") from None
+        except RecursionError:
+            raise PlotError("not a valid JSON state (nested too deeply to read)") from None
     import io
 
     import torch
@@ -95,6 +124,10 @@ def load_log(checkpoint: Any, temperature: float = 2.0) -> tuple[list[dict[str, 
         history.load_state_dict(state)
     except (TypeError, ValueError) as error:
         raise PlotError(f"{where} is not a valid DWA state: {error}") from None
+    except RecursionError:  # e.g. a message that names a value nested thousands deep
+        raise PlotError(f"{where} is not a valid DWA state: a value in it is nested too deeply") from None
+    except Exception as error:  # noqa: BLE001 - whatever else a malformed state trips over: still one line
+        raise PlotError(f"{where} is not a valid DWA state: {type(error).__name__}: {error}") from None
     from ._reference import reference_weights
 
     log, computed = [], False

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -116,6 +118,56 @@ def test_without_matplotlib_it_says_what_to_install(checkpoint, tmp_path):
     )
 
 
+class TookTooLong(Exception):
+    """Not an OSError (as TimeoutError is), which plot would report as a file problem."""
+
+
+@contextlib.contextmanager
+def at_most(seconds: int):
+    """Fail, instead of hanging, when the block takes longer than ``seconds``."""
+
+    def expire(signum, frame):
+        raise TookTooLong(f"still running after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_list_shared_2_to_the_60_times_is_walked_once(checkpoint, tmp_path, capsys):
+    # Issue 10: 60 levels of `node = [node, node]` (1.7 kB, safe under weights_only)
+    # used to be walked along all 2^60 paths: plot hung before reaching the DWA state.
+    _, dwa = checkpoint
+    node: list = []
+    for _ in range(60):
+        node = [node, node]
+    path = tmp_path / "shared.pt"
+    torch.save({"junk": node, "dwa": dwa.state_dict()}, path)
+    assert path.stat().st_size < 10_000
+    with at_most(20):
+        assert main(["plot", str(path), "--csv"]) == 0
+    rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
+    assert [float(row["weight_seg"]) for row in rows] == [entry["weights"]["seg"] for entry in dwa.log]
+
+
+def test_a_list_that_contains_itself_is_no_loop(checkpoint, tmp_path, capsys):
+    # Issue 10: it used to end in a RecursionError traceback.
+    _, dwa = checkpoint
+    loop: list = []
+    loop.append(loop)
+    path = tmp_path / "loop.pt"
+    torch.save({"loop": loop, "dwa": dwa.state_dict()}, path)
+    assert main(["plot", str(path), "--csv"]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 1 + len(dwa.log)
+    torch.save({"loop": loop}, path)
+    assert main(["plot", str(path), "--csv"]) == 2
+    assert capsys.readouterr().err == f"dwa-export plot: error: {path}: no DWA state in it: expected DWA.state_dict() or DWAHistory.state_dict() somewhere inside\n"
+
+
 def make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"PK\x03\x04 this is not a checkpoint")
@@ -125,16 +177,35 @@ def make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:
     invalid.write_text(json.dumps(dict(DWAHistory(num_tasks=2).state_dict(), averages=[[1.0, 0.0]])))
     pickled = tmp_path / "pickled.pt"
     torch.save({"dwa": Path("not allowed by weights_only")}, pickled)
+    deep_json = tmp_path / "deep.json"
+    deep_json.write_text("[" * 100_000 + "]" * 100_000)
+    deep_value = tmp_path / "deep.pt"
+    nested: list = []
+    for _ in range(5_000):
+        nested = [nested]
+    state = trained(epochs=2).state_dict()
+    state["_extra_state"]["temperature"] = nested
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # for torch.save's pickler only
+    try:
+        torch.save({"dwa": state}, deep_value)
+    finally:
+        sys.setrecursionlimit(limit)
     return {
         "missing": (tmp_path / "missing.pt", "no such file"),
         "corrupt": (corrupt, "not a checkpoint torch.load can read with weights_only=True"),
         "no state": (nothing, "no DWA state in it"),
         "invalid state": (invalid, "is not a valid DWA state: malformed DWA history state_dict: 'averages'[0]"),
         "unsafe pickle": (pickled, "weights_only=True"),
+        "deep JSON": (deep_json, "not a valid JSON state (nested too deeply to read)"),
+        "deep value in a state": (deep_value, "is not a valid DWA state: a value in it is nested too deeply"),
     }
 
 
-@pytest.mark.parametrize("case", ["missing", "corrupt", "no state", "invalid state", "unsafe pickle"])
+BAD_FILES = ["missing", "corrupt", "no state", "invalid state", "unsafe pickle", "deep JSON", "deep value in a state"]
+
+
+@pytest.mark.parametrize("case", BAD_FILES)
 def test_bad_input_is_one_line_with_exit_status_2(tmp_path, case, capsys):
     path, message = make_bad_files(tmp_path)[case]
     assert main(["plot", str(path), "--csv"]) == 2  # an exception would fail the test: no traceback
