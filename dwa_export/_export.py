@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import pickle
 import platform
 import struct
@@ -40,7 +41,7 @@ import torch
 from . import __version__
 from ._kernel import DWAWeights
 
-__all__ = ["Artifact", "FORMATS", "DTYPES", "export_artifact", "plan", "write_manifest"]
+__all__ = ["Artifact", "FORMATS", "DTYPES", "export_artifact", "plan", "write_atomically", "write_manifest"]
 
 FORMATS = ("torchscript", "onnx", "onnx-batched", "pt2", "pt2-batched")
 DTYPES = ("float32", "float64", "float16")
@@ -60,6 +61,7 @@ MODEL_VERSION = 1  # bump when the kernel's I/O contract changes
 INPUT_NAMES = ("loss_t1", "loss_t2", "temperature")
 OUTPUT_NAMES = ("weights",)
 MANIFEST = "manifest.json"
+README = "README.md"
 
 _ONNX_DOC = (
     "Dynamic Weight Average weights (Liu et al., CVPR 2019): "
@@ -203,8 +205,8 @@ def _finalize_onnx(model: Any, batched: bool) -> Any:
 def export_artifact(artifact: Artifact, out_dir: Path, opset: int = DEFAULT_OPSET) -> Path:
     """Write one artifact into ``out_dir`` and return its path.
 
-    The bytes are built in memory first, so an unwritable ``out_dir`` raises
-    ``OSError`` (and nothing half-written is left behind by the exporters).
+    The bytes are built in memory first, then written with :func:`write_atomically`:
+    an unwritable ``out_dir`` raises ``OSError`` and leaves the file as it was.
     """
     path = out_dir / artifact.filename
     if artifact.format == "torchscript":
@@ -214,7 +216,42 @@ def export_artifact(artifact: Artifact, out_dir: Path, opset: int = DEFAULT_OPSE
         data = _saved_bytes(lambda target: torch.export.save(program, target), artifact.filename)
     else:
         data = onnx_bytes(artifact, opset)
-    path.write_bytes(data)
+    return write_atomically(path, data)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def write_atomically(path: Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` by renaming a finished file over it.
+
+    The bytes go to a temporary file in the same folder, which ``os.replace``
+    then renames to ``path``: a symlink at ``path`` is replaced, never followed
+    (its target is left alone), and an interrupted or failed write leaves
+    ``path`` as it was, old or new, never half-written. The file gets the mode
+    a plain write would give it (0o666 less the umask). ``OSError`` names ``path``.
+    """
+    temporary: str | None = None
+    try:
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(descriptor, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())
+        os.replace(temporary, path)
+        temporary = None
+    except OSError as error:  # the temporary file's name would only confuse: name the file
+        if error.errno is None:
+            raise
+        raise OSError(error.errno, error.strerror, str(path)) from None
+    finally:
+        if temporary is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(temporary)
     return path
 
 
@@ -400,8 +437,7 @@ def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
         "toolchain": toolchain(),
         "artifacts": dict(sorted(entries.items())),
     }
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
+    return write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
@@ -417,6 +453,4 @@ def read_manifest(out_dir: Path) -> dict[str, Any] | None:
 
 def write_readme(out_dir: Path) -> Path:
     """Copy the artifacts' README (I/O contract and loading snippets) beside them."""
-    path = out_dir / "README.md"
-    path.write_text(resources.files("dwa_export").joinpath("exported_readme.md").read_text())
-    return path
+    return write_atomically(out_dir / README, resources.files("dwa_export").joinpath("exported_readme.md").read_bytes())

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import stat
 import subprocess
 import sys
 import types
 from collections import Counter
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = ROOT / "exported"
 COMMITTED = ["dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt2", "dwa_weights_batched.pt2"]
 MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())
+PACKAGED_README = resources.files("dwa_export").joinpath("exported_readme.md").read_bytes()
 
 
 def session(model: bytes | Path) -> ort.InferenceSession:
@@ -294,6 +299,71 @@ def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
     assert main(["--check", "--out", str(out), "--formats", "onnx", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "exceeds the bound" in captured.err and captured.out == ""
+
+
+# --------------------------------------------------------------------------- writing: by rename, never through a link
+
+
+def _plain_file_mode(folder: Path) -> int:
+    """The mode a plain ``open(..., "w")`` gives a new file here (0o666 less the umask)."""
+    probe = folder / "probe"
+    probe.write_bytes(b"")
+    mode = stat.S_IMODE(probe.stat().st_mode)
+    probe.unlink()
+    return mode
+
+
+def test_export_replaces_links_in_the_output_folder_and_never_writes_through_them(tmp_path, capsys):
+    # Issue 8: with --out/dwa_weights.pt a symlink, its target used to be overwritten.
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    names = ("dwa_weights.pt", "manifest.json", "README.md")  # an artifact and both other files it writes
+    for name in names:
+        (elsewhere / name).write_bytes(b"not dwa-export's to overwrite\n")
+        (out / name).symlink_to(elsewhere / name)
+    assert main(["--out", str(out), "--formats", "torchscript", "-q"]) == 0, capsys.readouterr().err
+    for name in names:
+        assert (elsewhere / name).read_bytes() == b"not dwa-export's to overwrite\n", name
+        assert not (out / name).is_symlink(), name
+        assert stat.S_IMODE((out / name).stat().st_mode) == _plain_file_mode(tmp_path), name
+    with quiet_exporters():
+        assert (out / "dwa_weights.pt").read_bytes() == torchscript_bytes()
+    assert (out / "README.md").read_bytes() == PACKAGED_README
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)  # no temporary file left behind
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG (File too large), as a full disk or a quota would fail them."""
+    resource = pytest.importorskip("resource")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the kernel's SIGXFSZ ends the process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_whole(tmp_path, capsys):
+    # Issue 8: each file is either the old one or the new one, never a mix. Here the
+    # README (6.9 kB) cannot be written past half its size; the ONNX file (2.2 kB)
+    # and the manifest (1.2 kB) fit and are written whole.
+    out = tmp_path / "out"
+    out.mkdir()
+    old = b"# the README of an earlier export\n"
+    (out / "README.md").write_bytes(old)
+    limit = len(PACKAGED_README) // 2
+    with file_size_limit(limit):
+        code = main(["--out", str(out), "--formats", "onnx", "-q"])
+    captured = capsys.readouterr()
+    assert (out / "README.md").read_bytes() == old
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "dwa_weights.onnx", "manifest.json"]
+    assert code == 2 and captured.err == f"dwa-export: error: {out / 'README.md'}: File too large\n"
+    onnx.checker.check_model(onnx.load(str(out / "dwa_weights.onnx")), full_check=True)
+    assert json.loads((out / "manifest.json").read_text())["artifacts"].keys() == {"dwa_weights.onnx"}
 
 
 def test_cli_check_without_artifacts_fails_clearly(tmp_path, capsys):
