@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -101,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--formats",
         type=_csv(FORMATS),
-        default=list(FORMATS),
-        help=f"comma-separated subset of {','.join(FORMATS)} (default: all)",
+        default=None,
+        help=f"comma-separated subset of {','.join(FORMATS)} (default: all; with --check: all that the manifest lists)",
     )
     parser.add_argument(
         "--opset",
@@ -114,10 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype",
         dest="dtypes",
         type=_csv(DTYPES),
-        default=["float32"],
-        help=f"comma-separated dtypes of the ONNX/torch.export files: {','.join(DTYPES)} (default: float32)",
+        default=None,
+        help=(
+            f"comma-separated dtypes of the ONNX/torch.export files: {','.join(DTYPES)} "
+            "(default: float32; with --check: all that the manifest lists)"
+        ),
     )
-    parser.add_argument("--check", action="store_true", help="verify the existing artifacts without rewriting them")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help=(
+            "verify the existing folder without rewriting it: every artifact manifest.json lists (in its runtime, "
+            "and each manifest field against the file), manifest.json itself, and README.md"
+        ),
+    )
     verbosity = parser.add_mutually_exclusive_group()
     verbosity.add_argument("-q", "--quiet", action="store_true", help="print only failures")
     verbosity.add_argument(
@@ -171,12 +182,24 @@ def _export_and_verify(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(message, flush=True)
 
-    from ._export import MANIFEST, export_artifact, plan, quiet_exporters, read_manifest, write_manifest, write_readme
-    from ._verify import verify
+    from ._export import (
+        DTYPES,
+        FORMATS,
+        MANIFEST,
+        README,
+        export_artifact,
+        plan,
+        quiet_exporters,
+        read_manifest_text,
+        toolchain,
+        write_manifest,
+        write_readme,
+    )
+    from ._verify import manifest_problems, readme_problems, verify
 
-    artifacts = plan(args.formats, args.dtypes)
     out: Path = args.out
     if not args.check:
+        artifacts = plan(args.formats or FORMATS, args.dtypes or ["float32"])
         out.mkdir(parents=True, exist_ok=True)
         for artifact in artifacts:
             start = time.perf_counter()
@@ -190,24 +213,49 @@ def _export_and_verify(args: argparse.Namespace) -> int:
         say(f"wrote   {write_readme(out)}")
 
     try:
-        manifest = read_manifest(out)
-    except ValueError as error:  # json.JSONDecodeError, or not an object
+        read = read_manifest_text(out)
+    except ValueError as error:  # json.JSONDecodeError, not UTF-8, or not an object
         print(f"dwa-export: error: {out / MANIFEST} is not a manifest dwa-export wrote: {error}", file=sys.stderr)
         return 1
-    if manifest is None:
+    if read is None:
         print(f"dwa-export: error: {out / MANIFEST} not found; run dwa-export without --check first", file=sys.stderr)
         return 1
+    text, manifest = read
+    listed = list(manifest.get("artifacts", {}))
+    if args.check:
+        # Every file the manifest lists, and any other artifact in the folder (which
+        # then fails as unlisted); --formats and --dtype narrow the choice only when given.
+        present = {a.filename for a in plan(FORMATS, DTYPES) if os.path.lexists(out / a.filename)}
+        artifacts = [
+            a
+            for a in plan(args.formats or FORMATS, args.dtypes or DTYPES)
+            if a.filename in listed or a.filename in present
+        ]
+        if not artifacts:
+            chosen = " matching --formats/--dtype" if args.formats or args.dtypes else ""
+            print(f"dwa-export: error: {out / MANIFEST} lists no artifact{chosen}: nothing to verify", file=sys.stderr)
+            return 1
+    case_dtypes = args.dtypes or (DTYPES if args.check else ["float32"])
+
+    def report(name: str, what: str, problems: list[str]) -> None:
+        say(f"{what}  {'ok' if not problems else 'FAILED'}")
+        shown = problems if args.verbose else problems[:5]
+        for problem in shown:
+            print(f"        {name}: {problem}", file=sys.stderr)
+        if len(shown) < len(problems):
+            print(f"        ... and {len(problems) - len(shown)} more (--verbose shows all)", file=sys.stderr)
+
     results = []
     for artifact in artifacts:
-        result = verify(out, artifact, manifest, args.dtypes)
+        result = verify(out, artifact, manifest, case_dtypes)
         results.append(result)
-        status = "ok" if result.ok else "FAILED"
-        say(f"verify  {out / artifact.filename}  with {result.runtime}: {result.cases} cases  {status}")
-        shown = result.problems if args.verbose else result.problems[:5]
-        for problem in shown:
-            print(f"        {artifact.filename}: {problem}", file=sys.stderr)
-        if len(shown) < len(result.problems):
-            print(f"        ... and {len(result.problems) - len(shown)} more (--verbose shows all)", file=sys.stderr)
+        report(artifact.filename, f"verify  {out / artifact.filename}  with {result.runtime}: {result.cases} cases", result.problems)
+    recorded = manifest.get("toolchain")
+    exported_by = recorded.get("dwa_export") if isinstance(recorded, dict) else None
+    manifest_failures = manifest_problems(text, manifest)
+    report(MANIFEST, f"check   {out / MANIFEST}  fields and layout", manifest_failures)
+    readme_failures = readme_problems(out, exported_by)
+    report(README, f"check   {out / README}  against the packaged README", readme_failures)
 
     rows = [["artifact", "runtime", "cases passed", "err/bound", "load ms", "call us", "status"]]
     for r in results:
@@ -226,10 +274,35 @@ def _export_and_verify(args: argparse.Namespace) -> int:
     say(_format_table(rows))
     say(_LEGEND)
     failed = [r.filename for r in results if not r.ok]
-    if failed:
-        print(f"\n{len(failed)} of {len(results)} artifacts FAILED: {', '.join(failed)}", file=sys.stderr)
+    if failed or manifest_failures or readme_failures:
+        print("", file=sys.stderr)
+        if failed:
+            print(f"{len(failed)} of {len(results)} artifacts FAILED: {', '.join(failed)}", file=sys.stderr)
+        for path, failures in ((out / MANIFEST, manifest_failures), (out / README, readme_failures)):
+            if failures:
+                print(f"{path} FAILED", file=sys.stderr)
         return 1
-    say(f"\nall {len(results)} artifacts verified against the float64 reference")
+    verified = {r.filename for r in results}
+    skipped = [name for name in listed if name not in verified]
+    if not args.check:
+        which = "every file this run wrote"
+        if skipped:
+            which += f"; not verified: {', '.join(skipped)}, listed in {MANIFEST} from an earlier run (--check verifies them)"
+    elif skipped:
+        which = f"those --formats/--dtype chose; not verified: {', '.join(skipped)}"
+    else:
+        which = f"every file {out / MANIFEST} lists"
+    say(f"\nall {len(results)} artifacts verified against the float64 reference, each in its own runtime: {which}")
+    say(
+        f"also verified: every field of their {MANIFEST} entries against the files, {MANIFEST}'s own fields "
+        f"and layout, and {README} against the one dwa_export {toolchain()['dwa_export']} writes"
+    )
+    if args.check and isinstance(recorded, dict):
+        versions = ", ".join(f"{name} {version}" for name, version in recorded.items() if name != "dwa_export")
+        say(f"not verifiable: the toolchain {MANIFEST} records ({versions}); no file carries it")
+        running = {name: version for name, version in toolchain().items() if recorded.get(name) != version}
+        if running:
+            say("note: this check ran with " + ", ".join(f"{name} {version}" for name, version in running.items()))
     return 0
 
 

@@ -20,6 +20,7 @@ float32 by default; other dtypes get a ``_float64`` / ``_float16`` suffix
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import json
@@ -367,6 +368,7 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@functools.cache  # reading a distribution's metadata scans sys.path; --check asks often
 def _version(package: str) -> str | None:
     try:
         return metadata.version(package)
@@ -375,6 +377,7 @@ def _version(package: str) -> str | None:
 
 
 def toolchain() -> dict[str, str | None]:
+    """The versions of what produces the artifacts, as manifest.json records them."""
     return {
         "dwa_export": __version__,
         "torch": torch.__version__,
@@ -405,17 +408,42 @@ def describe(artifact: Artifact, path: Path) -> dict[str, Any]:
             return out
 
         entry["inputs"], entry["outputs"] = io(model.graph.input), io(model.graph.output)
-    else:
-        dtype = artifact.dtype or "float16 | bfloat16 | float32 | float64"
-        if artifact.format == "torchscript":
-            shapes = (["...", "K"], ["...", "K"], "broadcastable to [..., 1]", ["...", "K"])
-        elif artifact.batched:
-            shapes = (["N", "K"], ["N", "K"], ["N", 1], ["N", "K"])
-        else:
-            shapes = (["K"], ["K"], [], ["K"])
+    elif artifact.format.startswith("pt2"):
+        entry["inputs"], entry["outputs"] = _program_io(path)
+    else:  # TorchScript is dtype- and rank-generic: the file records neither
+        dtype = "float16 | bfloat16 | float32 | float64"
+        shapes = (["...", "K"], ["...", "K"], "broadcastable to [..., 1]", ["...", "K"])
         entry["inputs"] = [{"name": n, "shape": s, "dtype": dtype} for n, s in zip(INPUT_NAMES, shapes)]
         entry["outputs"] = [{"name": OUTPUT_NAMES[0], "shape": shapes[3], "dtype": dtype}]
     return entry
+
+
+def _program_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The inputs and outputs of a saved ``torch.export`` program, read from its graph.
+
+    Symbolic sizes are named as in the contract: loss_t1's are ``N, K`` (batched)
+    or ``K``, and the same symbols elsewhere get the same names.
+    """
+    with quiet_exporters():
+        program = torch.export.load(str(path))
+    placeholders = {node.name: node for node in program.graph.nodes if node.op == "placeholder"}
+    inputs = [(name, placeholders[name].meta["val"]) for name in program.graph_signature.user_inputs]
+    output = next(node for node in program.graph.nodes if node.op == "output")
+    outputs = [(OUTPUT_NAMES[0], value.meta["val"]) for value in output.args[0]]
+    first = [dim for dim in inputs[0][1].shape if not isinstance(dim, int)] if inputs else []
+    names = {str(dim): name for dim, name in zip(first, ("N", "K") if len(first) == 2 else ("K",))}
+
+    def describe_values(values: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": name,
+                "shape": [dim if isinstance(dim, int) else names.get(str(dim), str(dim)) for dim in value.shape],
+                "dtype": str(value.dtype).removeprefix("torch."),
+            }
+            for name, value in values
+        ]
+
+    return describe_values(inputs), describe_values(outputs)
 
 
 def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
@@ -437,20 +465,40 @@ def write_manifest(out_dir: Path, artifacts: Sequence[Artifact]) -> Path:
         "toolchain": toolchain(),
         "artifacts": dict(sorted(entries.items())),
     }
-    return write_atomically(path, (json.dumps(manifest, indent=2) + "\n").encode())
+    return write_atomically(path, manifest_text(manifest).encode())
+
+
+def manifest_text(manifest: dict[str, Any]) -> str:
+    """``manifest.json``'s exact text for ``manifest``: --check compares the file with it."""
+    return json.dumps(manifest, indent=2) + "\n"
 
 
 def read_manifest(out_dir: Path) -> dict[str, Any] | None:
     """The manifest in ``out_dir``; ``None`` if there is none, ``ValueError`` if it is malformed."""
+    read = read_manifest_text(out_dir)
+    return None if read is None else read[1]
+
+
+def read_manifest_text(out_dir: Path) -> tuple[str, dict[str, Any]] | None:
+    """The manifest in ``out_dir`` as text and as read; ``None`` if there is none, ``ValueError`` if it is malformed."""
     path = out_dir / MANIFEST
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    text = path.read_bytes().decode("utf-8")  # UnicodeDecodeError is a ValueError
+    try:
+        manifest = json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("artifacts", {}), dict):
         raise ValueError("expected a JSON object with an 'artifacts' object")
-    return manifest
+    return text, manifest
 
 
 def write_readme(out_dir: Path) -> Path:
     """Copy the artifacts' README (I/O contract and loading snippets) beside them."""
-    return write_atomically(out_dir / README, resources.files("dwa_export").joinpath("exported_readme.md").read_bytes())
+    return write_atomically(out_dir / README, packaged_readme())
+
+
+def packaged_readme() -> bytes:
+    """The README that ``dwa-export`` writes beside the artifacts, as packaged."""
+    return resources.files("dwa_export").joinpath("exported_readme.md").read_bytes()

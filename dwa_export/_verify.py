@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -12,9 +15,24 @@ from typing import Any
 import numpy as np
 
 from ._conformance import Case, case_inputs
-from ._export import INPUT_NAMES, OUTPUT_NAMES, Artifact, quiet_exporters, sha256
+from ._export import (
+    DTYPES,
+    FORMATS,
+    INPUT_NAMES,
+    MANIFEST,
+    OUTPUT_NAMES,
+    README,
+    Artifact,
+    describe,
+    manifest_text,
+    packaged_readme,
+    plan,
+    quiet_exporters,
+    sha256,
+    toolchain,
+)
 
-__all__ = ["Verification", "verify"]
+__all__ = ["Verification", "entry_problems", "manifest_problems", "readme_problems", "verify"]
 
 Runner = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
@@ -50,7 +68,8 @@ def _load(artifact: Artifact, path: Path) -> Runner:
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 4  # the rejection checks below fail on purpose; errors still raise
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with contextlib.redirect_stdout(io.StringIO()):  # its "EP Error" banner for a file it cannot load
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_onnx(l1: np.ndarray, l2: np.ndarray, t: np.ndarray) -> np.ndarray:
             return session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (l1, l2, t))))[0]
@@ -153,7 +172,8 @@ def verify(
 ) -> Verification:
     """Load ``artifact`` from ``out_dir`` in its own runtime and check it against the reference.
 
-    Checks: the sha256 recorded in the manifest, every conformance case (within
+    Checks: the file's manifest entry (its sha256, and every other field against
+    what the file itself says), every conformance case (within
     its bound, NaN exactly where the contract says), invalid temperatures (raise
     in TorchScript, NaN rows elsewhere), and that mismatched shapes are rejected.
     """
@@ -164,9 +184,9 @@ def verify(
         return result
     entry = (manifest or {}).get("artifacts", {}).get(artifact.filename)
     if entry is None:
-        result.problems.append(f"not listed in {out_dir / 'manifest.json'}")
-    elif entry.get("sha256") != sha256(path):
-        result.problems.append("sha256 differs from manifest.json: the file was modified after export")
+        result.problems.append(f"in the folder but not listed in {out_dir / MANIFEST}")
+    else:
+        result.problems += entry_problems(artifact, path, entry)
     with quiet_exporters():
         start = time.perf_counter()
         try:
@@ -192,3 +212,101 @@ def verify(
             result.problems.append("loss_t1 and loss_t2 of different shapes were broadcast instead of rejected")
         result.call_s = _median_call(run, artifact)
     return result
+
+
+def entry_problems(artifact: Artifact, path: Path, entry: Any) -> list[str]:
+    """Each field of the manifest ``entry`` of ``path`` that is not what :func:`describe` reads from the file."""
+    if not isinstance(entry, dict):
+        return [f"its entry in {MANIFEST} is {type(entry).__name__} {entry!r:.80}, not an object"]
+    problems = []
+    if entry.get("sha256") != sha256(path):
+        problems.append(f"sha256 differs from {MANIFEST}: the file was modified after export")
+    try:
+        actual = describe(artifact, path)
+    except Exception as error:  # noqa: BLE001 - a corrupt file: its runtime's load says more
+        return [*problems, f"cannot be read to compare with its {MANIFEST} entry: {str(error).strip()[:200]}"]
+    del actual["sha256"]
+    recorded = {key: value for key, value in entry.items() if key != "sha256"}
+    problems += [f"{MANIFEST} {difference}" for difference in _differences(recorded, actual)]
+    return problems
+
+
+def _differences(recorded: Any, actual: Any, where: str = "") -> list[str]:
+    """Where the JSON values ``recorded`` and ``actual`` differ, as phrases (``True`` is not ``1``, nor ``1.0``)."""
+    if isinstance(recorded, dict) and isinstance(actual, dict):
+        def at(key: Any) -> str:
+            return f"{where}[{key!r:.80}]" if where else f"{key!s:.80}"
+
+        out = [f"has no {at(key)}; the file's is {actual[key]!r:.120}" for key in actual if key not in recorded]
+        out += [f"has {at(key)}, which dwa-export does not write" for key in recorded if key not in actual]
+        for key in actual:
+            if key in recorded:
+                out += _differences(recorded[key], actual[key], at(key))
+        return out
+    if isinstance(recorded, list) and isinstance(actual, list) and len(recorded) == len(actual):
+        return [d for i, pair in enumerate(zip(recorded, actual)) for d in _differences(*pair, f"{where}[{i}]")]
+    if json.dumps(recorded) == json.dumps(actual):
+        return []
+    return [f"says {where} is {recorded!r:.120}, the file has {actual!r:.120}"]
+
+
+_TOP_LEVEL = ("generator", "contract", "toolchain", "artifacts")
+_CONTRACT = "see README.md beside this file"
+
+
+def manifest_problems(text: str, manifest: dict[str, Any]) -> list[str]:
+    """What is wrong with ``manifest.json`` as a whole (its entries are checked with their files by :func:`verify`).
+
+    ``text`` must be exactly what dwa-export writes for ``manifest`` (so a
+    changed space, key order or duplicate key shows), with dwa-export's fields,
+    a generator that matches the recorded dwa_export version, the recorded
+    toolchain's names, and only file names that dwa-export writes. The toolchain
+    versions themselves are recorded, not checkable: no file carries them.
+    """
+    problems = []
+    expected = manifest_text(manifest)
+    if text != expected:
+        lines, wanted = text.splitlines(), expected.splitlines()
+        line = next((i for i, (a, b) in enumerate(zip(lines, wanted)) if a != b), min(len(lines), len(wanted)))
+        problems.append(
+            f"line {line + 1} is not laid out as dwa-export writes it (edited by hand or another tool?); "
+            "dwa-export rewrites it"
+        )
+    if list(manifest) != list(_TOP_LEVEL):
+        problems.append(f"has the fields {list(manifest)}, dwa-export writes {list(_TOP_LEVEL)}")
+    recorded = manifest.get("toolchain")
+    if not isinstance(recorded, dict) or list(recorded) != list(toolchain()):
+        problems.append(f"its toolchain is {recorded!r:.200}, expected an object with the fields {list(toolchain())}")
+    elif not all(value is None or isinstance(value, str) for value in recorded.values()):
+        problems.append(f"its toolchain versions must be strings or null, got {recorded!r:.200}")
+    elif manifest.get("generator") != f"dwa_export {recorded['dwa_export']}":
+        problems.append(
+            f"its generator {manifest.get('generator')!r:.80} is not 'dwa_export' and the recorded "
+            f"dwa_export version {recorded['dwa_export']!r:.80}"
+        )
+    if manifest.get("contract") != _CONTRACT:
+        problems.append(f"its contract field is {manifest.get('contract')!r:.80}, dwa-export writes {_CONTRACT!r}")
+    known = {artifact.filename for artifact in plan(FORMATS, DTYPES)}
+    entries = manifest.get("artifacts", {})
+    if not entries:
+        problems.append("lists no artifacts")
+    for name in entries:
+        if name not in known:
+            problems.append(f"lists {name!r:.80}, which is not a file dwa-export writes")
+    return problems
+
+
+def readme_problems(out_dir: Path, exported_by: object) -> list[str]:
+    """Whether ``README.md`` beside the artifacts is the one this dwa_export writes.
+
+    ``exported_by``: the dwa_export version the manifest records, named when it is not this one.
+    """
+    path = out_dir / README
+    if not path.is_file():
+        return ["missing (dwa-export writes it beside the artifacts)"]
+    if path.read_bytes() == packaged_readme():
+        return []
+    running = toolchain()["dwa_export"]
+    if exported_by != running:
+        return [f"differs from the README of dwa_export {running} (the folder was exported by {exported_by!r:.40}): run dwa-export"]
+    return [f"differs from the README that dwa_export {running} writes: modified after export? dwa-export rewrites it"]

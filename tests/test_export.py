@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -25,14 +27,24 @@ import dwa_export._cli as cli
 from dwa_export import DWAWeights
 from dwa_export._cli import SUBCOMMANDS, Subcommand, main
 from dwa_export._conformance import case_inputs
-from dwa_export._export import MAX_OPSET, MIN_OPSET, Artifact, onnx_bytes, plan, quiet_exporters, toolchain, torchscript_bytes
+from dwa_export._export import (
+    MAX_OPSET,
+    MIN_OPSET,
+    Artifact,
+    onnx_bytes,
+    plan,
+    quiet_exporters,
+    read_manifest_text,
+    toolchain,
+    torchscript_bytes,
+)
+from dwa_export._verify import entry_problems, manifest_problems
 from reference import dwa_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = ROOT / "exported"
 COMMITTED = ["dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt2", "dwa_weights_batched.pt2"]
 MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())
-PACKAGED_README = resources.files("dwa_export").joinpath("exported_readme.md").read_bytes()
 
 
 def session(model: bytes | Path) -> ort.InferenceSession:
@@ -44,6 +56,23 @@ def session(model: bytes | Path) -> ort.InferenceSession:
 
 def run(sess, l1, l2, t):
     return sess.run(["weights"], {"loss_t1": l1, "loss_t2": l2, "temperature": t})[0]
+
+
+PACKAGED_README = resources.files("dwa_export").joinpath("exported_readme.md").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory) -> types.SimpleNamespace:
+    """One CLI export of TorchScript and single ONNX files in every dtype, shared by the tests that read them.
+
+    Exporting is what costs here (about 1.5 s a file): the files are made once,
+    by the command users run, and each test reads the bytes it needs.
+    """
+    out = tmp_path_factory.mktemp("cli") / "out"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = main(["--out", str(out), "--formats", "torchscript,onnx", "--dtype", "float32,float64,float16"])
+    return types.SimpleNamespace(out=out, code=code, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 @pytest.fixture(scope="module")
@@ -228,8 +257,6 @@ def test_committed_torchscript_and_torch_export_match_the_current_kernel():
 def test_manifest_describes_every_committed_file():
     entries = MANIFEST["artifacts"]
     assert sorted(entries) == sorted(COMMITTED)
-    import hashlib
-
     for name, entry in entries.items():
         assert entry["sha256"] == hashlib.sha256((EXPORTED / name).read_bytes()).hexdigest(), name
         assert {"format", "dtype", "inputs", "outputs"} <= entry.keys()
@@ -240,19 +267,16 @@ def test_manifest_describes_every_committed_file():
 
 
 def test_exported_readme_is_the_packaged_one():
-    from importlib import resources
-
-    packaged = resources.files("dwa_export").joinpath("exported_readme.md").read_text()
-    assert (EXPORTED / "README.md").read_text() == packaged
+    assert (EXPORTED / "README.md").read_bytes() == PACKAGED_README
 
 
 # --------------------------------------------------------------------------- the CLI
 
 
-def test_cli_exports_and_verifies(tmp_path, capsys):
-    out = tmp_path / "out"
-    assert main(["--out", str(out), "--formats", "torchscript,onnx", "--dtype", "float32,float64,float16"]) == 0
-    text = capsys.readouterr().out
+def test_cli_exports_and_verifies(cli_run):
+    out = cli_run.out
+    assert cli_run.code == 0, cli_run.stderr
+    text = cli_run.stdout
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(
         ["README.md", "manifest.json", "dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_float64.onnx", "dwa_weights_float16.onnx"]
@@ -272,11 +296,21 @@ def test_cli_exports_and_verifies(tmp_path, capsys):
 
 
 def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
-    shutil.copytree(EXPORTED, tmp_path / "exported")
-    before = {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()}
-    assert main(["--check", "--out", str(tmp_path / "exported")]) == 0
-    assert "all 5 artifacts verified" in capsys.readouterr().out
-    assert {p.name: p.read_bytes() for p in (tmp_path / "exported").iterdir()} == before  # nothing rewritten
+    out = tmp_path / "exported"
+    shutil.copytree(EXPORTED, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main(["--check", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"all 5 artifacts verified against the float64 reference, each in its own runtime: every file {out / 'manifest.json'} lists" in text
+    assert f"check   {out / 'manifest.json'}  fields and layout  ok" in text
+    assert f"check   {out / 'README.md'}  against the packaged README  ok" in text
+    assert "not verifiable: the toolchain manifest.json records (torch " in text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing rewritten
+    # Narrowed, it says what it left out.
+    assert main(["--check", "--out", str(out), "--formats", "onnx,pt2"]) == 0
+    text = capsys.readouterr().out
+    assert "all 2 artifacts verified" in text
+    assert "those --formats/--dtype chose; not verified: dwa_weights.pt, dwa_weights_batched.onnx, dwa_weights_batched.pt2" in text
 
 
 def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
@@ -292,10 +326,8 @@ def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
 
     # Even with the manifest updated to match, the numbers give it away.
     manifest = json.loads((out / "manifest.json").read_text())
-    import hashlib
-
     manifest["artifacts"]["dwa_weights.onnx"]["sha256"] = hashlib.sha256((out / "dwa_weights.onnx").read_bytes()).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_as_dwa_export_does(out, manifest)
     assert main(["--check", "--out", str(out), "--formats", "onnx", "--quiet"]) == 1
     captured = capsys.readouterr()
     assert "exceeds the bound" in captured.err and captured.out == ""
@@ -366,6 +398,127 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_whole(tmp_path, capsys)
     assert json.loads((out / "manifest.json").read_text())["artifacts"].keys() == {"dwa_weights.onnx"}
 
 
+# --------------------------------------------------------------------------- --check: every listed file, every field, the README
+
+
+def test_check_verifies_every_file_the_manifest_lists_whatever_its_dtype(cli_run, exported_copy, capsys):
+    # Issue 9: the committed folder plus a float64 ONNX file that manifest.json lists:
+    # `--check` verified only the --dtype given (float32 by default), so with that
+    # file corrupted it still printed "all 5 artifacts verified".
+    out = exported_copy
+    shutil.copy(cli_run.out / "dwa_weights_float64.onnx", out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"]["dwa_weights_float64.onnx"] = json.loads((cli_run.out / "manifest.json").read_text())["artifacts"]["dwa_weights_float64.onnx"]
+    manifest["artifacts"] = dict(sorted(manifest["artifacts"].items()))
+    write_manifest_as_dwa_export_does(out, manifest)
+    data = bytearray((out / "dwa_weights_float64.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (out / "dwa_weights_float64.onnx").write_bytes(bytes(data))
+    assert main(["--check", "--out", str(out), "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "dwa_weights_float64.onnx: sha256 differs from manifest.json" in captured.err
+    assert "1 of 6 artifacts FAILED: dwa_weights_float64.onnx" in captured.err and captured.out == ""
+    # Whole again, every listed file is verified and named.
+    shutil.copy(cli_run.out / "dwa_weights_float64.onnx", out)
+    assert main(["--check", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    for name in manifest["artifacts"]:
+        assert f"verify  {out / name}  " in text and text.count(f"\n{name} ") == 1, name  # a line and a table row
+    assert f"all 6 artifacts verified against the float64 reference, each in its own runtime: every file {out / 'manifest.json'} lists" in text
+
+
+def test_check_compares_every_manifest_field_with_the_file(exported_copy, capsys):
+    # Issue 9: only the sha256 was compared, so forged opset, dtype, shape or format passed.
+    out = exported_copy
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = manifest["artifacts"]
+    entries["dwa_weights.onnx"]["opset"] = 19
+    entries["dwa_weights_batched.onnx"]["dtype"] = "float64"
+    entries["dwa_weights.pt2"]["inputs"][0]["shape"] = ["N", "K"]
+    entries["dwa_weights_batched.pt2"]["format"] = "pt2"
+    entries["dwa_weights.pt"]["outputs"][0]["shape"] = ["K"]
+    write_manifest_as_dwa_export_does(out, manifest)
+    assert main(["--check", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    for line in (
+        "dwa_weights.onnx: manifest.json says opset is 19, the file has 18",
+        "dwa_weights_batched.onnx: manifest.json says dtype is 'float64', the file has 'float32'",
+        "dwa_weights.pt2: manifest.json says inputs[0]['shape'] is ['N', 'K'], the file has ['K']",
+        "dwa_weights_batched.pt2: manifest.json says format is 'pt2', the file has 'pt2-batched'",
+        "dwa_weights.pt: manifest.json says outputs[0]['shape'] is ['K'], the file has ['...', 'K']",
+    ):
+        assert line in err, line
+    assert "sha256" not in err and "5 of 5 artifacts FAILED" in err
+
+
+def _toolchain_versions(text: str) -> set[int]:
+    """The offsets of the toolchain's version strings in a manifest's text."""
+    start = text.index('"toolchain": {')
+    block = text[start : text.index("}", start)]
+    offsets = set()
+    for line_start in (start + i + 1 for i, c in enumerate(block) if c == "\n"):
+        line = text[line_start : text.index("\n", line_start)]
+        if '": "' in line and '"dwa_export"' not in line:
+            value = line_start + line.index('": "') + 4
+            offsets |= set(range(value, line_start + line.rindex('"')))
+    return offsets
+
+
+def test_every_single_byte_flip_of_a_manifest_is_noticed(exported_copy):
+    # Issue 9: 1,174 of 1,625 single-byte flips of a manifest went unnoticed. Each
+    # flip of a one-file manifest is now found by the checks --check runs on it,
+    # except inside the recorded toolchain versions, which no file carries (--check says so).
+    out = exported_copy
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["artifacts"] = {"dwa_weights.onnx": manifest["artifacts"]["dwa_weights.onnx"]}
+    write_manifest_as_dwa_export_does(out, manifest)
+    artifact = Artifact("onnx", "float32")
+    raw = (out / "manifest.json").read_bytes()
+
+    def noticed() -> bool:
+        try:
+            text, read = read_manifest_text(out)
+        except ValueError:
+            return True
+        if manifest_problems(text, read):
+            return True
+        entry = read.get("artifacts", {}).get("dwa_weights.onnx")
+        return entry is None or bool(entry_problems(artifact, out / "dwa_weights.onnx", entry))
+
+    assert not noticed()
+    missed = []
+    for offset in range(len(raw)):
+        flipped = bytearray(raw)
+        flipped[offset] ^= 1
+        (out / "manifest.json").write_bytes(bytes(flipped))
+        if not noticed():
+            missed.append(offset)
+    assert set(missed) <= _toolchain_versions(raw.decode()), [raw[m - 20 : m + 20] for m in missed]
+    assert len(raw) > 1000 and len(missed) < 40
+
+
+def test_check_wants_the_manifest_as_dwa_export_writes_it(exported_copy, capsys):
+    # The same fields, re-serialised by another tool: --check says it is not dwa-export's file.
+    out = exported_copy
+    (out / "manifest.json").write_text(json.dumps(json.loads((out / "manifest.json").read_text())))
+    assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "manifest.json: line 1 is not laid out as dwa-export writes it" in err and f"{out / 'manifest.json'} FAILED" in err
+
+
+def test_check_catches_a_rewritten_readme(exported_copy, capsys):
+    # Issue 9: exported/README.md was not checked at all.
+    out = exported_copy
+    (out / "README.md").write_text(PACKAGED_README.decode().replace("ONNX Runtime", "onnxruntime (any version)"))
+    assert main(["--check", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "README.md: differs from the README that dwa_export 0.1.0 writes" in err and f"{out / 'README.md'} FAILED" in err
+    assert "artifacts FAILED" not in err  # the artifacts themselves passed
+    (out / "README.md").unlink()
+    assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1  # the README, whatever is chosen
+    assert "README.md: missing" in capsys.readouterr().err
+
+
 def test_cli_check_without_artifacts_fails_clearly(tmp_path, capsys):
     assert main(["--check", "--out", str(tmp_path)]) == 1
     assert "manifest.json not found" in capsys.readouterr().err
@@ -428,13 +581,15 @@ def test_cli_check_with_a_malformed_manifest_fails_clearly(tmp_path, capsys):
 # --------------------------------------------------------------------------- the verifier catches wrong artifacts
 
 
+def write_manifest_as_dwa_export_does(out: Path, manifest: dict) -> None:
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+
+
 def _commit_to_manifest(out: Path, name: str) -> None:
     """Pretend the tampered file is what was exported: only the numbers can give it away."""
-    import hashlib
-
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["artifacts"][name]["sha256"] = hashlib.sha256((out / name).read_bytes()).hexdigest()
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest_as_dwa_export_does(out, manifest)
 
 
 def _scaled_onnx(model: onnx.ModelProto, factor: float) -> onnx.ModelProto:
@@ -529,3 +684,4 @@ def test_check_fails_on_an_artifact_with_nan_rows_in_the_wrong_places(exported_c
     err = capsys.readouterr().err
     assert "NaN pattern" in err and f"1 of 1 artifacts FAILED: {name}" in err
     assert "special/loss_t1=0/first" in err  # the first of issue 11's cases that gave plausible weights
+
