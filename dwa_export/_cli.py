@@ -180,7 +180,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _export_and_verify(args: argparse.Namespace) -> int:
     def say(message: str) -> None:
         if not args.quiet:
-            print(message, flush=True)
+            try:
+                print(message, flush=True)
+            except BrokenPipeError:  # e.g. dwa-export | head: the reader has all it wants; the work goes on
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - Python flushes stdout at exit
+                args.quiet = True
 
     from ._export import (
         DTYPES,

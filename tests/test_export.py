@@ -564,6 +564,21 @@ def test_an_unwritable_output_folder_is_a_one_line_error(out, capsys):
     assert not Path("/proc/dwa-export-test").exists()
 
 
+class ClosedPipe(io.StringIO):
+    """stdout of `dwa-export | head -0`: the reader has gone."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_does_not_stop_the_export(tmp_path):
+    # `dwa-export | head -2` used to end the export at the third line, with exit status 2.
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(ClosedPipe()):
+        assert main(["--out", str(out), "--formats", "torchscript"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "dwa_weights.pt", "manifest.json"]
+
+
 def test_the_cli_process_prints_no_traceback_for_an_os_error():
     result = subprocess.run(
         [sys.executable, "-m", "dwa_export", "--out", "/proc/x"], capture_output=True, text=True, cwd=ROOT
