@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -220,9 +221,19 @@ def test_help_lists_plot(capsys):
     assert "dwa-export plot STATE" in capsys.readouterr().out
 
 
-def test_readme_picture_comes_from_the_documented_run(tmp_path):
+def test_readme_picture_comes_from_the_documented_run(tmp_path, monkeypatch):
     # README shows tests/data/dwa_weights.png, made by tests/readme_run.py and dwa-export plot.
-    subprocess.run([sys.executable, str(ROOT / "tests" / "readme_run.py"), str(tmp_path / "run.pt")], check=True, cwd=ROOT)
+    # The script runs as `python tests/readme_run.py run.pt` would run it, in this process:
+    # a new one would spend most of its time importing torch. Its 480 tiny steps take
+    # 0.3 s on one thread and ten times that where intra-op threads fight over 2 cores.
+    monkeypatch.setattr(sys, "argv", [str(ROOT / "tests" / "readme_run.py"), str(tmp_path / "run.pt")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng():  # the script seeds the global generator
+            runpy.run_path(sys.argv[0], run_name="__main__")
+    finally:
+        torch.set_num_threads(threads)
     fresh = torch.load(tmp_path / "run.pt", weights_only=True)["dwa"]
     committed = torch.load(ROOT / "tests" / "data" / "readme_run.pt", weights_only=True)["dwa"]
     fresh_log, committed_log = (state["_extra_state"]["history"]["log"] for state in (fresh, committed))
