@@ -281,8 +281,8 @@ def manifest_problems(text: str, manifest: dict[str, Any]) -> list[str]:
         problems.append(f"its toolchain versions must be strings or null, got {recorded!r:.200}")
     elif manifest.get("generator") != f"dwa_export {recorded['dwa_export']}":
         problems.append(
-            f"its generator {manifest.get('generator')!r:.80} is not 'dwa_export' and the recorded "
-            f"dwa_export version {recorded['dwa_export']!r:.80}"
+            f"its generator is {manifest.get('generator')!r:.80}, expected 'dwa_export {recorded['dwa_export']}' "
+            "(the dwa_export version its toolchain records)"
         )
     if manifest.get("contract") != _CONTRACT:
         problems.append(f"its contract field is {manifest.get('contract')!r:.80}, dwa-export writes {_CONTRACT!r}")

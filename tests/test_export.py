@@ -335,10 +335,10 @@ def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
     assert "not verifiable: the toolchain manifest.json records (torch " in text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing rewritten
     # Narrowed, it says what it left out.
-    assert main(["--check", "--out", str(out), "--formats", "onnx,pt2"]) == 0
+    assert main(["--check", "--out", str(out), "--formats", "onnx"]) == 0
     text = capsys.readouterr().out
-    assert "all 2 artifacts verified" in text
-    assert "those --formats/--dtype chose; not verified: dwa_weights.pt, dwa_weights_batched.onnx, dwa_weights_batched.pt2" in text
+    assert "all 1 artifacts verified" in text
+    assert "those --formats/--dtype chose; not verified: dwa_weights.pt, dwa_weights.pt2, dwa_weights_batched.onnx, dwa_weights_batched.pt2" in text
 
 
 def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
@@ -442,17 +442,12 @@ def test_check_verifies_every_file_the_manifest_lists_whatever_its_dtype(cli_run
     data = bytearray((out / "dwa_weights_float64.onnx").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (out / "dwa_weights_float64.onnx").write_bytes(bytes(data))
-    assert main(["--check", "--out", str(out), "--quiet"]) == 1
+    assert main(["--check", "--out", str(out)]) == 1
     captured = capsys.readouterr()
     assert "dwa_weights_float64.onnx: sha256 differs from manifest.json" in captured.err
-    assert "1 of 6 artifacts FAILED: dwa_weights_float64.onnx" in captured.err and captured.out == ""
-    # Whole again, every listed file is verified and named.
-    shutil.copy(cli_run.out / "dwa_weights_float64.onnx", out)
-    assert main(["--check", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
-    for name in manifest["artifacts"]:
-        assert f"verify  {out / name}  " in text and text.count(f"\n{name} ") == 1, name  # a line and a table row
-    assert f"all 6 artifacts verified against the float64 reference, each in its own runtime: every file {out / 'manifest.json'} lists" in text
+    assert "1 of 6 artifacts FAILED: dwa_weights_float64.onnx" in captured.err
+    for name in manifest["artifacts"]:  # each listed file verified: a line and a table row
+        assert f"verify  {out / name}  " in captured.out and captured.out.count(f"\n{name} ") == 1, name
 
 
 def test_check_compares_every_manifest_field_with_the_file(exported_copy, capsys):
@@ -538,12 +533,13 @@ def test_check_catches_a_rewritten_readme(exported_copy, capsys):
     # Issue 9: exported/README.md was not checked at all.
     out = exported_copy
     (out / "README.md").write_text(PACKAGED_README.decode().replace("ONNX Runtime", "onnxruntime (any version)"))
-    assert main(["--check", "--out", str(out), "--quiet"]) == 1
+    # The README is checked whatever --formats chooses: one artifact keeps the test short.
+    assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "README.md: differs from the README that dwa_export 0.1.0 writes" in err and f"{out / 'README.md'} FAILED" in err
     assert "artifacts FAILED" not in err  # the artifacts themselves passed
     (out / "README.md").unlink()
-    assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1  # the README, whatever is chosen
+    assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1
     assert "README.md: missing" in capsys.readouterr().err
 
 
