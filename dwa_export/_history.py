@@ -127,6 +127,9 @@ class DWAHistory:
         Raises ``TypeError``/``ValueError`` for the losses :meth:`record` refuses
         for their form, dtype or K.
         """
+        if isinstance(losses, Tensor) and losses.dim() and losses.shape[-1] == self._epochs.num_tasks:
+            if losses.is_floating_point():  # the per-batch case, checked first
+                return losses
         if isinstance(losses, Tensor):
             tensor = losses if losses.dim() else losses.reshape(1)
         else:
@@ -172,7 +175,7 @@ class DWAHistory:
             check_batch_weight(1.0 if torch.compiler.is_compiling() else weight, batched=rows.dim() > 1)
         # Everything is checked; what follows is decided on metadata, which the
         # compiler resolves while tracing: in the usual compiled loop, nothing.
-        if rows.device != self.device:
+        if rows.device != self._running.device:
             self.to(rows.device)
         if self._running.sums is None:  # the first batch fixes K (or takes the one step() learned)
             self._epochs.num_tasks = rows.shape[-1]

@@ -183,9 +183,11 @@ class DWA(nn.Module):
         losses = self.history.as_losses(losses)
         if self.training:
             self.history.record(losses, weight)
-        if self.history.num_tasks is None:  # eval mode before any training batch: uniform weights
-            return losses.sum(-1).mean()
-        weights = self._weights_for(losses)
+        weights = self._weights
+        if weights is None or weights.dtype != losses.dtype or weights.device != losses.device:
+            if self.history.num_tasks is None:  # eval mode before any training batch: uniform weights
+                return losses.sum(-1).mean()
+            weights = self._weights_for(losses)
         return torch.dot(losses, weights) if losses.dim() == 1 else torch.matmul(losses, weights).mean()
 
     def _weights_for(self, losses: Tensor) -> Tensor:

@@ -24,12 +24,9 @@ class RunningSums:
     def __init__(self, num_tasks: int | None = None) -> None:
         dtype = accumulator_dtype(torch.get_default_device())
         self.counts = state_tensor(lambda: torch.zeros(2, dtype=dtype))  # (weight, batches)
+        self.device = self.counts.device  # kept beside the tensors: read on every batch
         self.sums: Tensor | None = None  # [K], once K is known
         self.resize(num_tasks)
-
-    @property
-    def device(self) -> torch.device:
-        return self.counts.device
 
     def resize(self, num_tasks: int | None) -> None:
         """Empty sums for K tasks (none for ``None``), in place when K stays."""
@@ -78,6 +75,7 @@ class RunningSums:
         self.counts = moved(self.counts)
         if self.sums is not None:
             self.sums = moved(self.sums)
+        self.device = self.counts.device
 
     def clear(self) -> None:
         if self.sums is not None:
