@@ -1,8 +1,9 @@
 """DWA under torch.compile: the per-batch path compiles once, a whole compiled train step works.
 
 Graphs are counted with torch._dynamo's CompileCounter (which runs the captured
-graph as it is) and, once, with the inductor backend; the whole train step uses
-the default backend, as users run it. CUDA-only checks skip cleanly without CUDA.
+graph as it is: how many graphs dynamo makes does not depend on the backend); the
+whole train step uses the default backend, inductor, as users run it. CUDA-only
+checks skip cleanly without CUDA.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch._dynamo
-from torch._dynamo.testing import CompileCounter, CompileCounterWithBackend
+from torch._dynamo.testing import CompileCounter
 
 from dwa_export import DWA, DWAHistory, DWAWeights, LossHistoryError
 
@@ -101,6 +102,8 @@ def test_compiled_loss_function_compiles_at_most_twice_and_matches_eager(form, n
     counter = CompileCounter()
     compiled = run(form, *make(num_tasks), compile_with=counter)
     assert counter.frame_count <= 2, f"{counter.frame_count} graphs"
+    if form == "dwa(losses)" and num_tasks:
+        assert counter.frame_count == 1  # the usual loop: one graph for every batch and epoch
     assert compiled[2][0] == compiled[2][-1], f"step() between epochs recompiled: {compiled[2]}"
     for got, want in zip(compiled[0], eager[0]):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
@@ -121,15 +124,6 @@ def test_no_graph_breaks(form):
     explanation = torch._dynamo.explain(loss_fn)(x, y, w, wt)
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
-
-
-def test_inductor_compiles_the_loss_function_once_over_many_epochs():
-    counter = CompileCounterWithBackend("inductor")
-    eager = run("dwa(losses)", *make(K))
-    compiled = run("dwa(losses)", *make(K), compile_with=counter)
-    assert counter.frame_count == 1
-    for got, want in zip(compiled[0], eager[0]):
-        torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
 
 
 # --------------------------------------------------------------------------- a whole compiled train step

@@ -228,13 +228,13 @@ def _paths(value, prefix=()):
         yield from _paths(child, prefix + (key,))
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(states().map(lambda s: json.dumps(s).encode()), min_size=40, max_size=40))
 def test_generated_valid_states_load_identically_everywhere(binaries, texts):  # noqa: F811
     assert all(assert_agree(texts, binaries))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(st.lists(mutated(), min_size=60, max_size=60))
 def test_generated_mutated_states_get_the_same_verdict_everywhere(binaries, texts):  # noqa: F811
     assert_agree(texts, binaries)
