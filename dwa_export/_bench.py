@@ -160,8 +160,8 @@ def per_batch(config: Config, device: str) -> list[Row]:
         rows.append(Row(section, "recompute softmax every batch", naive_ratio, "x sum"))
         speedup_record = ratio(times, "recompute every batch", "record + weighted sum")
         speedup_call = ratio(times, "recompute every batch", "dwa(losses)")
-        rows.append(Row(section, "recompute / (record + weighted sum)", speedup_record, "x", ">= 5", speedup_record >= 5))
-        rows.append(Row(section, "recompute / dwa(losses)", speedup_call, "x", ">= 5", speedup_call >= 5))
+        rows.append(Row(section, "recompute / (record + weighted sum)", speedup_record, "x"))
+        rows.append(Row(section, "recompute / dwa(losses)", speedup_call, "x"))
         if device == "cuda":
             rows.append(_cuda_syncs(section, dwa, history, weights, losses, config.batches))
     return rows
