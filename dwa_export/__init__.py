@@ -11,6 +11,7 @@ ONNX Runtime path) never imports torch.
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -32,8 +33,12 @@ __all__ = [
     "PartialEpochWarning",
     "RankMismatchError",
     "__version__",
+    "cmake_dir",
+    "exported_dir",
     "include_dir",
 ]
+
+_HERE = Path(__file__).resolve().parent
 
 if TYPE_CHECKING:
     from ._distributed import PartialEpochWarning, RankMismatchError
@@ -49,16 +54,41 @@ def include_dir() -> str:
     Like ``torch.utils.cmake_prefix_path``: ``cmake -DDWA_INCLUDE_DIR=$(python -c
     "import dwa_export; print(dwa_export.include_dir())")``.
     """
-    from pathlib import Path
+    return str(_HERE / "include")
 
-    return str(Path(__file__).resolve().parent / "include")
+
+def cmake_dir() -> str:
+    """The folder of ``dwa_exportConfig.cmake``: ``cmake -Ddwa_export_DIR=...`` for ``find_package(dwa_export)``."""
+    return str(_HERE / "cmake")
+
+
+def exported_dir() -> str:
+    """The folder of the exported kernels (``dwa_weights.onnx``, ``dwa_weights.pt``, ...) and their manifest.
+
+    The wheel ships a copy of ``exported/`` inside the package; a checkout (or an
+    editable install) has it beside the package.
+    """
+    for folder in (_HERE / "exported", _HERE.parent / "exported"):
+        if (folder / "manifest.json").is_file():
+            return str(folder)
+    raise FileNotFoundError(f"no exported kernels beside {_HERE}: reinstall dwa-export, or run dwa-export in a checkout")
 
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'dwa_export' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
+    try:
+        value = getattr(importlib.import_module(module, __name__), name)
+    except ModuleNotFoundError as error:
+        if error.name != "torch":
+            raise
+        raise ImportError(
+            f"dwa_export.{name} needs PyTorch, which is not installed. Install the build for your machine "
+            "(https://pytorch.org/get-started/locally/; CPU only: pip install torch --index-url "
+            "https://download.pytorch.org/whl/cpu), or pip install \"dwa-export[torch]\" for PyPI's default "
+            "build. Without torch, dwa_export.runtime runs the shipped ONNX kernel: pip install \"dwa-export[runtime]\"."
+        ) from error
     globals()[name] = value
     return value
 

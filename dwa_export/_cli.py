@@ -158,9 +158,29 @@ _LEGEND = (
 )
 
 
+# What a command needs beyond the base install, and the extra that brings it.
+_OPTIONAL = {"torch", "onnx", "onnxscript", "onnxruntime"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """``dwa-export``: export and verify (or run a subcommand); returns the exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except ModuleNotFoundError as error:  # an install without the extra this command needs: one line
+        missing = (error.name or "").split(".")[0]
+        if missing not in _OPTIONAL:
+            raise
+        extra = "torch" if argv[:1] == ["plot"] else "export"
+        print(
+            f'dwa-export: error: this needs {missing}, which is not installed: pip install "dwa-export[{extra}]" '
+            "(on a machine without a CUDA GPU, install torch's CPU build first: see README.md)",
+            file=sys.stderr,
+        )
+        return 2
+
+
+def _main(argv: list[str]) -> int:
     for command in SUBCOMMANDS:
         if argv[:1] == [command.name]:
             return command.run(argv[1:])

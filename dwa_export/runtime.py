@@ -8,7 +8,7 @@ Nothing here imports torch. :class:`DWAWeightsSession` runs ``dwa_weights.onnx``
 Example:
     >>> import numpy as np
     >>> from dwa_export.runtime import DWAWeightsSession, NumpyDWAHistory
-    >>> kernel = DWAWeightsSession("exported/dwa_weights.onnx")
+    >>> kernel = DWAWeightsSession()  # the float32 kernel shipped with the package
     >>> history = NumpyDWAHistory()
     >>> for losses in ([1.0, 1.0], [0.8, 0.9], [0.6, 0.8]):  # one batch per epoch here
     ...     history.record(np.array(losses, dtype=np.float32))
@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from . import exported_dir
 from ._epochs import LossHistoryError
 from ._numpy_history import NumpyDWAHistory
 
@@ -72,7 +73,9 @@ class DWAWeightsSession:
 
     Args:
         path: ``dwa_weights.onnx`` (inputs ``[K]``) or ``dwa_weights_batched.onnx``
-            (inputs ``[N, K]``), in any dtype that ``dwa-export`` writes.
+            (inputs ``[N, K]``), in any dtype that ``dwa-export`` writes. Default:
+            the float32 kernel shipped with the package (``dwa_export.exported_dir()``).
+        batched: without a ``path``, take the shipped batched kernel instead.
         providers: ONNX Runtime execution providers (default: CPU).
         session_options: an ``onnxruntime.SessionOptions``.
 
@@ -96,13 +99,18 @@ class DWAWeightsSession:
 
     def __init__(
         self,
-        path: str | PathLike[str],
+        path: str | PathLike[str] | None = None,
         *,
+        batched: bool | None = None,
         providers: Sequence[str] | None = None,
         session_options: Any = None,
     ) -> None:
         import onnxruntime
 
+        if path is None:
+            path = Path(exported_dir()) / ("dwa_weights_batched.onnx" if batched else "dwa_weights.onnx")
+        elif batched is not None:
+            raise TypeError("batched= chooses a shipped kernel: give it without a path (a file has its own layout)")
         path = Path(path)
         self._session = onnxruntime.InferenceSession(
             str(path), session_options, providers=list(providers or ["CPUExecutionProvider"])
