@@ -71,7 +71,9 @@ def exported_dir() -> str:
     for folder in (_HERE / "exported", _HERE.parent / "exported"):
         if (folder / "manifest.json").is_file():
             return str(folder)
-    raise FileNotFoundError(f"no exported kernels beside {_HERE}: reinstall dwa-export, or run dwa-export in a checkout")
+    raise FileNotFoundError(
+        f"no exported kernels beside {_HERE}: reinstall dwa-export, or run dwa-export in a checkout"
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -86,8 +88,8 @@ def __getattr__(name: str) -> Any:
         raise ImportError(
             f"dwa_export.{name} needs PyTorch, which is not installed. Install the build for your machine "
             "(https://pytorch.org/get-started/locally/; CPU only: pip install torch --index-url "
-            "https://download.pytorch.org/whl/cpu), or pip install \"dwa-export[torch]\" for PyPI's default "
-            "build. Without torch, dwa_export.runtime runs the shipped ONNX kernel: pip install \"dwa-export[runtime]\"."
+            'https://download.pytorch.org/whl/cpu), or pip install "dwa-export[torch]" for PyPI\'s default '
+            'build. Without torch, dwa_export.runtime runs the shipped ONNX kernel: pip install "dwa-export[runtime]".'
         ) from error
     globals()[name] = value
     return value

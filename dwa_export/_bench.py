@@ -71,7 +71,9 @@ def _per_call(fn: Callable[[], Any], loops: int) -> float:
     return (time.perf_counter() - start) / loops
 
 
-def compare(fns: dict[str, Callable[[], Any]], loops: int, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+def compare(
+    fns: dict[str, Callable[[], Any]], loops: int, repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, list[float]]:
     """Per-call seconds of each function, timed interleaved (rotating order), ``repeats`` times."""
     names = list(fns)
     for fn in fns.values():  # warm-up
@@ -88,7 +90,7 @@ def compare(fns: dict[str, Callable[[], Any]], loops: int, repeats: int, sync: C
 
 def ratio(times: dict[str, list[float]], name: str, base: str) -> float:
     """Median over repeats of the side-by-side ratio name / base."""
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+    return statistics.median(a / b for a, b in zip(times[name], times[base], strict=True))
 
 
 class RecomputeEveryBatch(nn.Module):
@@ -120,50 +122,53 @@ class RecomputeEveryBatch(nn.Module):
 
 
 def per_batch(config: Config, device: str) -> list[Row]:
+    return [row for k in (3, 16) for row in _per_batch(config, device, k)]
+
+
+def _per_batch(config: Config, device: str, k: int) -> list[Row]:
     rows = []
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for k in (3, 16):
-        section = f"per-batch overhead, K={k}, {device}"
-        losses = (torch.rand(k, device=device) + 0.5).requires_grad_()
-        averages = [torch.rand(k, device=device) + 0.5 for _ in range(2)]  # steady state
-        history = DWAHistory(num_tasks=k)
+    section = f"per-batch overhead, K={k}, {device}"
+    losses = (torch.rand(k, device=device) + 0.5).requires_grad_()
+    averages = [torch.rand(k, device=device) + 0.5 for _ in range(2)]  # steady state
+    history = DWAHistory(num_tasks=k)
+    history.record(losses)
+    weights = torch.ones(k, device=device)
+    dwa = DWA(num_tasks=k)
+    naive = RecomputeEveryBatch(averages)
+    for _ in range(2):  # past the warm-up too
+        dwa(losses)
+        dwa.step()
+
+    def record_and_weight() -> torch.Tensor:
         history.record(losses)
-        weights = torch.ones(k, device=device)
-        dwa = DWA(num_tasks=k)
-        naive = RecomputeEveryBatch(averages)
-        for _ in range(2):  # past the warm-up too
-            dwa(losses)
-            dwa.step()
+        return torch.dot(weights, losses)
 
-        def record_and_weight() -> torch.Tensor:
-            history.record(losses)
-            return torch.dot(weights, losses)
-
-        times = compare(
-            {
-                "losses.sum()": lambda: losses.sum(),
-                "record + weighted sum": record_and_weight,
-                "dwa(losses)": lambda: dwa(losses),
-                "recompute every batch": lambda: naive(losses),
-            },
-            config.batches,
-            config.repeats,
-            sync,
-        )
-        base = statistics.median(times["losses.sum()"])
-        rows.append(Row(section, "losses.sum()", base * 1e6, "us/batch"))
-        record_ratio = ratio(times, "record + weighted sum", "losses.sum()")
-        call_ratio = ratio(times, "dwa(losses)", "losses.sum()")
-        naive_ratio = ratio(times, "recompute every batch", "losses.sum()")
-        rows.append(Row(section, "DWAHistory.record + weighted sum", record_ratio, "x sum"))
-        rows.append(Row(section, "dwa(losses) via nn.Module.__call__", call_ratio, "x sum"))
-        rows.append(Row(section, "recompute softmax every batch", naive_ratio, "x sum"))
-        speedup_record = ratio(times, "recompute every batch", "record + weighted sum")
-        speedup_call = ratio(times, "recompute every batch", "dwa(losses)")
-        rows.append(Row(section, "recompute / (record + weighted sum)", speedup_record, "x"))
-        rows.append(Row(section, "recompute / dwa(losses)", speedup_call, "x"))
-        if device == "cuda":
-            rows.append(_cuda_syncs(section, dwa, history, weights, losses, config.batches))
+    times = compare(
+        {
+            "losses.sum()": lambda: losses.sum(),
+            "record + weighted sum": record_and_weight,
+            "dwa(losses)": lambda: dwa(losses),
+            "recompute every batch": lambda: naive(losses),
+        },
+        config.batches,
+        config.repeats,
+        sync,
+    )
+    base = statistics.median(times["losses.sum()"])
+    rows.append(Row(section, "losses.sum()", base * 1e6, "us/batch"))
+    record_ratio = ratio(times, "record + weighted sum", "losses.sum()")
+    call_ratio = ratio(times, "dwa(losses)", "losses.sum()")
+    naive_ratio = ratio(times, "recompute every batch", "losses.sum()")
+    rows.append(Row(section, "DWAHistory.record + weighted sum", record_ratio, "x sum"))
+    rows.append(Row(section, "dwa(losses) via nn.Module.__call__", call_ratio, "x sum"))
+    rows.append(Row(section, "recompute softmax every batch", naive_ratio, "x sum"))
+    speedup_record = ratio(times, "recompute every batch", "record + weighted sum")
+    speedup_call = ratio(times, "recompute every batch", "dwa(losses)")
+    rows.append(Row(section, "recompute / (record + weighted sum)", speedup_record, "x"))
+    rows.append(Row(section, "recompute / dwa(losses)", speedup_call, "x"))
+    if device == "cuda":
+        rows.append(_cuda_syncs(section, dwa, history, weights, losses, config.batches))
     return rows
 
 
@@ -193,7 +198,8 @@ class _Model(nn.Module):
         self.heads = nn.Linear(hidden, tasks)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads(self.trunk(x))
+        out: torch.Tensor = self.heads(self.trunk(x))  # Module.__call__ is typed Any
+        return out
 
 
 def train_steps(config: Config, device: str) -> list[Row]:
@@ -210,8 +216,8 @@ def train_steps(config: Config, device: str) -> list[Row]:
         dwa = DWA(num_tasks=k).to(device)
 
         def step() -> torch.Tensor:
-            losses = (model(x) - y).pow(2).mean(0)
-            loss = dwa(losses) if weighting == "dwa" else losses.sum()
+            losses: torch.Tensor = (model(x) - y).pow(2).mean(0)
+            loss: torch.Tensor = dwa(losses) if weighting == "dwa" else losses.sum()
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=False)
@@ -238,7 +244,9 @@ def train_steps(config: Config, device: str) -> list[Row]:
         target = 1.05 if compiled else 1.02
         step_name = "compiled step" if compiled else "step"
         rows.append(Row(section, f"{step_name} with losses.sum() (64-256-256, 3 heads)", base * 1e6, "us/step"))
-        rows.append(Row(section, "the same step with dwa(losses)", overhead, "x sum step", f"<= {target}", overhead <= target))
+        rows.append(
+            Row(section, "the same step with dwa(losses)", overhead, "x sum step", f"<= {target}", overhead <= target)
+        )
     return rows
 
 
@@ -286,7 +294,12 @@ def checkpoint_size(config: Config) -> list[Row]:
         Row(section, "torch.save size", len(buffer.getvalue()) / 1e6, "MB"),
         Row(section, "JSON size of the state", len(json.dumps(state["_extra_state"])) / 1e6, "MB"),
         Row(section, "state_dict()", statistics.median(times["state_dict()"]) * 1e3, "ms"),
-        Row(section, "load_state_dict() (validates every entry)", statistics.median(times["load_state_dict()"]) * 1e3, "ms"),
+        Row(
+            section,
+            "load_state_dict() (validates every entry)",
+            statistics.median(times["load_state_dict()"]) * 1e3,
+            "ms",
+        ),
     ]
 
 
@@ -339,7 +352,9 @@ def throughput(config: Config, artifacts: Path) -> list[Row]:
     eager = DWAWeights()
     with quiet_exporters():
         scripted = torch.jit.load(str(artifacts / "dwa_weights.pt"))
-    session = onnxruntime.InferenceSession(str(artifacts / "dwa_weights_batched.onnx"), providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(
+        str(artifacts / "dwa_weights_batched.onnx"), providers=["CPUExecutionProvider"]
+    )
     feeds = {"loss_t1": l1.numpy(), "loss_t2": l2.numpy(), "temperature": np.full((1, 1), 2.0, np.float32)}
     reference = (l1 / l2 / 2.0).softmax(-1) * k
     times = compare(
@@ -360,7 +375,11 @@ def throughput(config: Config, artifacts: Path) -> list[Row]:
         speed = moved / statistics.median(times[name]) / 1e9
         rows.append(Row(section, name, speed, "GB/s"))
         rows.append(Row(section, f"{name} / copy", 1 / ratio(times, name, "copy"), "fraction"))
-    rows.append(Row(section, "eager / the textbook softmax formula in torch", ratio(times, "torch.softmax", "eager"), "x faster"))
+    rows.append(
+        Row(
+            section, "eager / the textbook softmax formula in torch", ratio(times, "torch.softmax", "eager"), "x faster"
+        )
+    )
     return rows
 
 
@@ -469,5 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     missed = [row for row in rows if row.ok is False]
     print(f"\n{len(rows)} figures in {time.perf_counter() - started:.0f} s; {len(missed)} targets missed")
     if args.json:
-        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+        args.json.write_text(
+            json.dumps({"torch": torch.__version__, "rows": [asdict(r) for r in rows]}, indent=2) + "\n"
+        )
     return 0

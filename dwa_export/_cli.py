@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +25,8 @@ class Subcommand:
     module: str
 
     def run(self, argv: Sequence[str]) -> int:
-        return importlib.import_module(self.module).main(list(argv))
+        status: int = importlib.import_module(self.module).main(list(argv))
+        return status
 
 
 # Every subcommand, in the order --help lists them. Add one here and it is
@@ -72,7 +73,7 @@ def _subcommands_help() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _csv(choices: Sequence[str]):
+def _csv(choices: Sequence[str]) -> Callable[[str], list[str]]:
     def parse(text: str) -> list[str]:
         values = [v.strip() for v in text.split(",") if v.strip()]
         unknown = [v for v in values if v not in choices]
@@ -95,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_subcommands_help() + "\n" + _CONTRACT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.usage = "%(prog)s [options]\n" + "".join(
-        f"       %(prog)s {c.name} {c.usage}\n" for c in SUBCOMMANDS
-    )
+    parser.usage = "%(prog)s [options]\n" + "".join(f"       %(prog)s {c.name} {c.usage}\n" for c in SUBCOMMANDS)
     parser.add_argument("-o", "--out", type=Path, default=Path("exported"), help="output directory (default: exported)")
     parser.add_argument(
         "--formats",
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _format_table(rows: list[list[str]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
 
@@ -273,7 +272,11 @@ def _export_and_verify(args: argparse.Namespace) -> int:
     for artifact in artifacts:
         result = verify(out, artifact, manifest, case_dtypes)
         results.append(result)
-        report(artifact.filename, f"verify  {out / artifact.filename}  with {result.runtime}: {result.cases} cases", result.problems)
+        report(
+            artifact.filename,
+            f"verify  {out / artifact.filename}  with {result.runtime}: {result.cases} cases",
+            result.problems,
+        )
     recorded = manifest.get("toolchain")
     exported_by = recorded.get("dwa_export") if isinstance(recorded, dict) else None
     manifest_failures = manifest_problems(text, manifest)
@@ -311,7 +314,8 @@ def _export_and_verify(args: argparse.Namespace) -> int:
     if not args.check:
         which = "every file this run wrote"
         if skipped:
-            which += f"; not verified: {', '.join(skipped)}, listed in {MANIFEST} from an earlier run (--check verifies them)"
+            earlier = f"listed in {MANIFEST} from an earlier run (--check verifies them)"
+            which += f"; not verified: {', '.join(skipped)}, {earlier}"
     elif skipped:
         which = f"those --formats/--dtype chose; not verified: {', '.join(skipped)}"
     else:

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from ._reference import reference_weights, valid_rows
 
@@ -60,10 +61,10 @@ def error_bound(dtype: str, loss_t1: np.ndarray, loss_t2: np.ndarray, temperatur
     rows = valid_rows(loss_t1, loss_t2) & np.isfinite(temperature.astype(np.float64)) & (temperature > 0)
     finite = scaled[np.broadcast_to(rows, scaled.shape) & np.isfinite(scaled)]
     worst = float(finite.max()) if finite.size else 0.0
-    return max(BASE[dtype], 2.0 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1])
+    return float(max(BASE[dtype], 2.0 * float(np.finfo(dtype).eps) * worst * loss_t1.shape[-1]))
 
 
-def make_case(name: str, dtype: str, loss_t1, loss_t2, temperature) -> Case:
+def make_case(name: str, dtype: str, loss_t1: ArrayLike, loss_t2: ArrayLike, temperature: ArrayLike) -> Case:
     """Round the inputs to ``dtype`` and attach the reference computed on the rounded values."""
     l1 = np.asarray(loss_t1, dtype=dtype)
     l2 = np.asarray(loss_t2, dtype=dtype)
@@ -138,7 +139,10 @@ def valid_edge_rows(dtype: str) -> dict[str, tuple[list[float], list[float]]]:
         info = np.finfo(np.float64 if dtype == "float64" else np.float32)
         rows["subnormal-rate"] = ([float(info.smallest_subnormal) * 8, 0.8, 0.9], [1.0, 1.0, 1.0])
         rows["large-rate"] = ([float(info.max) / 4, 0.8, 0.9], [1.0, 1.0, 1.0])
-        rows["tiny-losses"] = ([float(info.tiny) * 0.5, float(info.tiny), 0.9], [float(info.tiny), float(info.tiny), 1.0])
+        rows["tiny-losses"] = (
+            [float(info.tiny) * 0.5, float(info.tiny), 0.9],
+            [float(info.tiny), float(info.tiny), 1.0],
+        )
     return rows
 
 
@@ -160,7 +164,11 @@ def _special(dtype: str) -> Iterator[Case]:
     for t in (0.0, -0.0, -2.0, inf, -inf, nan):
         yield make_case(f"special/temperature={t}", dtype, *GOOD_ROW, t)
         yield make_case(
-            f"special/temperature={t}/per-row", dtype, [GOOD_ROW[0], GOOD_ROW[0]], [GOOD_ROW[1], GOOD_ROW[1]], [[2.0], [t]]
+            f"special/temperature={t}/per-row",
+            dtype,
+            [GOOD_ROW[0], GOOD_ROW[0]],
+            [GOOD_ROW[1], GOOD_ROW[1]],
+            [[2.0], [t]],
         )
     # Bad losses, bad temperatures and good rows with their own temperatures, in one batch.
     picks = ("loss_t1=0/first", "loss_t2=inf/middle", "sign-change/-to+/last", "loss_t1=nan/last")
@@ -173,7 +181,9 @@ def case_inputs(dtype: str = "float32") -> list[Case]:
     """The conformance grid in ``dtype``: [K] and [N, K] layouts, regular and special cases."""
     rng = np.random.default_rng(20190616)  # fixed: the grid must not change between runs
     temperatures = FLOAT16_TEMPERATURES if dtype == "float16" else TEMPERATURES
-    families = ("near-one", "typical", "negative") if dtype == "float16" else ("near-one", "typical", "decades", "negative")
+    families = (
+        ("near-one", "typical", "negative") if dtype == "float16" else ("near-one", "typical", "decades", "negative")
+    )
     cases = []
     for k in NUM_TASKS:
         for family in families:

@@ -66,7 +66,8 @@ class Header:
 
     @classmethod
     def from_row(cls, row: Sequence[float]) -> Header:
-        return cls(*(value if field.type == "float" else int(value) for field, value in zip(fields(cls), row)))
+        values = [value if field.type == "float" else int(value) for field, value in zip(fields(cls), row, strict=True)]
+        return cls(*values)  # type: ignore[arg-type]  # each field takes the type it declares
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,7 @@ def agree(headers: list[Header]) -> tuple[int | None, str]:
     counts = [h.batches for h in headers]
 
     def same(values: list[object], what: str, remedy: str, among: list[bool] | None = None) -> None:
-        considered = [v for v, use in zip(values, among or [True] * len(values)) if use]
+        considered = [v for v, use in zip(values, among or [True] * len(values), strict=True) if use]
         if len(set(considered)) > 1:
             per_rank = ", ".join(f"rank {r}: {v}" for r, v in enumerate(values))
             raise RankMismatchError(
@@ -286,4 +287,3 @@ def partial_epoch_message(missing: Sequence[int]) -> str:
         "formed from the batches that were kept. To resume mid-epoch exactly, save every rank's state_dict(), or "
         "call consolidate_state_dict() on every rank before saving."
     )
-

@@ -20,9 +20,7 @@ if TYPE_CHECKING:
 __all__ = ["EpochHistory", "LogEntry", "LossHistoryError", "check_batch_weight", "check_temperature"]
 
 MAX_TASKS = 1 << 20
-_REMEDY = (
-    "Nothing was changed: call discard_epoch() to drop this epoch's batches, or reset() to restart the warm-up."
-)
+_REMEDY = "Nothing was changed: call discard_epoch() to drop this epoch's batches, or reset() to restart the warm-up."
 
 
 class LossHistoryError(ValueError):
@@ -65,8 +63,14 @@ def check_temperature(temperature: object) -> float:
 def check_num_tasks(num_tasks: object) -> int | None:
     if num_tasks is None:
         return None
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, numbers.Integral) or not 1 <= num_tasks <= MAX_TASKS:
-        raise ValueError(f"num_tasks must be an int from 1 to {MAX_TASKS} (the number K of task losses), got {num_tasks!r}")
+    if (
+        isinstance(num_tasks, bool)
+        or not isinstance(num_tasks, numbers.Integral)
+        or not 1 <= int(num_tasks) <= MAX_TASKS
+    ):
+        raise ValueError(
+            f"num_tasks must be an int from 1 to {MAX_TASKS} (the number K of task losses), got {num_tasks!r}"
+        )
     return int(num_tasks)
 
 
@@ -145,7 +149,8 @@ def check_epoch_average(average: Sequence[float], previous: Sequence[float] | No
         elif previous is not None and (value > 0.0) != (previous[task] > 0.0):
             problem = (
                 f"changed sign from {previous[task]:.6g} to {value:.6g}: the rate L(t-1)/L(t-2) would be "
-                "negative, which DWA cannot read as a rate of decrease; offset that task's loss so that it keeps one sign"
+                "negative, which DWA cannot read as a rate of decrease; offset that task's loss so that it keeps "
+                "one sign"
             )
         else:
             continue
@@ -200,7 +205,8 @@ class EpochHistory:
             else:
                 remedy = f"this history was created with num_tasks={self.fixed_num_tasks}"
             raise ValueError(
-                f"losses have {num_tasks} tasks in their last dimension but this history has K={self.num_tasks}; {remedy}"
+                f"losses have {num_tasks} tasks in their last dimension but this history has "
+                f"K={self.num_tasks}; {remedy}"
             )
         check_num_tasks(num_tasks)
 
@@ -208,13 +214,15 @@ class EpochHistory:
         """The values of a ``{name: loss}`` batch in task order; raises, changing nothing, on other names."""
         if self.tasks is None:
             raise TypeError(
-                f"losses given as a mapping need task names: create the history with tasks=(...), e.g. tasks={tuple(losses)!r}"
+                "losses given as a mapping need task names: create the history with tasks=(...), "
+                f"e.g. tasks={tuple(losses)!r}"
             )
         if losses.keys() != set(self.tasks):
             missing = [name for name in self.tasks if name not in losses]
             unexpected = [name for name in losses if name not in self.tasks]
             raise ValueError(
-                f"losses must have exactly the task names {list(self.tasks)}; missing {missing}, unexpected {unexpected}"
+                f"losses must have exactly the task names {list(self.tasks)}; missing {missing}, "
+                f"unexpected {unexpected}"
             )
         return [losses[name] for name in self.tasks]
 

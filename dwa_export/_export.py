@@ -138,7 +138,7 @@ def quiet_exporters(verbose: bool = False) -> Iterator[None]:
         try:
             yield
         finally:
-            for logger, level in zip(loggers, levels):
+            for logger, level in zip(loggers, levels, strict=True):
                 logger.setLevel(level)
 
 
@@ -188,7 +188,9 @@ def _finalize_onnx(model: Any, batched: bool) -> Any:
         node.doc_string = ""
     # The exporter names dynamic dims after its internal symbols (s53, ...).
     loss_t1 = next(value for value in graph.input if value.name == "loss_t1")
-    names = dict(zip((d.dim_param for d in loss_t1.type.tensor_type.shape.dim), ("N", "K") if batched else ("K",)))
+    names = dict(
+        zip((d.dim_param for d in loss_t1.type.tensor_type.shape.dim), ("N", "K") if batched else ("K",), strict=True)
+    )
     for value in (*graph.input, *graph.output):
         del value.metadata_props[:]
         value.doc_string = _IO_DOCS[value.name]
@@ -331,9 +333,10 @@ def torchscript_bytes() -> bytes:
                 continue
             data = reader.get_record(name)
             if name.endswith(".debug_pkl"):
-                data = _portable_debug_info(data)
-                if data is None:
+                portable = _portable_debug_info(data)
+                if portable is None:
                     continue
+                data = portable
             writer.write_record(name, data, len(data))
         writer.write_end_of_file()
 
@@ -359,9 +362,11 @@ def onnx_bytes(artifact: Artifact, opset: int = DEFAULT_OPSET) -> bytes:
         verbose=False,
         external_data=False,
     )
+    assert program is not None  # dynamo=True always returns the program
     model = _finalize_onnx(program.model_proto, artifact.batched)
     onnx.checker.check_model(model, full_check=True)
-    return model.SerializeToString(deterministic=True)
+    serialized: bytes = model.SerializeToString(deterministic=True)
+    return serialized
 
 
 def sha256(path: Path) -> str:
@@ -404,7 +409,13 @@ def describe(artifact: Artifact, path: Path) -> dict[str, Any]:
             for value in values:
                 tensor = value.type.tensor_type
                 shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-                out.append({"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name})
+                out.append(
+                    {
+                        "name": value.name,
+                        "shape": shape,
+                        "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name,
+                    }
+                )
             return out
 
         entry["inputs"], entry["outputs"] = io(model.graph.input), io(model.graph.output)
@@ -413,7 +424,9 @@ def describe(artifact: Artifact, path: Path) -> dict[str, Any]:
     else:  # TorchScript is dtype- and rank-generic: the file records neither
         dtype = "float16 | bfloat16 | float32 | float64"
         shapes = (["...", "K"], ["...", "K"], "broadcastable to [..., 1]", ["...", "K"])
-        entry["inputs"] = [{"name": n, "shape": s, "dtype": dtype} for n, s in zip(INPUT_NAMES, shapes)]
+        entry["inputs"] = [
+            {"name": n, "shape": s, "dtype": dtype} for n, s in zip(INPUT_NAMES, shapes[:3], strict=True)
+        ]
         entry["outputs"] = [{"name": OUTPUT_NAMES[0], "shape": shapes[3], "dtype": dtype}]
     return entry
 
@@ -431,7 +444,7 @@ def _program_io(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]
     output = next(node for node in program.graph.nodes if node.op == "output")
     outputs = [(OUTPUT_NAMES[0], value.meta["val"]) for value in output.args[0]]
     first = [dim for dim in inputs[0][1].shape if not isinstance(dim, int)] if inputs else []
-    names = {str(dim): name for dim, name in zip(first, ("N", "K") if len(first) == 2 else ("K",))}
+    names = {str(dim): name for dim, name in zip(first, ("N", "K") if len(first) == 2 else ("K",), strict=True)}
 
     def describe_values(values: list[tuple[str, Any]]) -> list[dict[str, Any]]:
         return [

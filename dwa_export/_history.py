@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,7 +18,7 @@ from ._state import HistoryState
 __all__ = ["DWAHistory", "Losses"]
 
 #: What ``record()`` and ``DWA`` accept as one batch of task losses.
-Losses = Union[Tensor, Sequence[Tensor], Mapping[str, Tensor]]
+Losses = Tensor | Sequence[Tensor] | Mapping[str, Tensor]
 
 
 class DWAHistory:
@@ -98,16 +98,55 @@ class DWAHistory:
         self._sync = GroupSync(distributed, process_group, allow_empty_ranks)
         self._dtype = torch.float32  # of inputs(); float64 once float64 losses were recorded
 
-    num_tasks = property(lambda self: self._epochs.num_tasks, doc="K: given, or fixed by the first batch or a checkpoint.")
-    tasks = property(lambda self: self._epochs.tasks, doc="The task names (given or loaded from a checkpoint), if any.")
-    ready = property(lambda self: self._epochs.ready, doc="Whether two epoch averages exist: the weights are past the warm-up.")
-    averages = property(lambda self: self._epochs.averages, doc="The stored epoch averages as floats, oldest first (at most two).")
-    epochs = property(lambda self: len(self._epochs.log), doc="The number of epochs closed since the start (or reset()).")
-    device = property(lambda self: self._running.device, doc="Where the running sums live.")
-    dtype = property(lambda self: self._dtype, doc="The dtype of inputs(): float32, or float64 once float64 losses were recorded.")
-    distributed = property(lambda self: self._sync.distributed, doc="Whether step() sums over the process group.")
-    process_group = property(lambda self: self._sync.process_group, doc="The group step() sums over (None: the world).")
-    allow_empty_ranks = property(lambda self: self._sync.allow_empty_ranks, doc="Whether ranks may record no batch in an epoch.")
+    @property
+    def num_tasks(self) -> int | None:
+        """K: given, or fixed by the first batch or a checkpoint."""
+        return self._epochs.num_tasks
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names (given or loaded from a checkpoint), if any."""
+        return self._epochs.tasks
+
+    @property
+    def ready(self) -> bool:
+        """Whether two epoch averages exist: the weights are past the warm-up."""
+        return self._epochs.ready
+
+    @property
+    def averages(self) -> tuple[tuple[float, ...], ...]:
+        """The stored epoch averages as floats, oldest first (at most two)."""
+        return self._epochs.averages
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs closed since the start (or :meth:`reset`)."""
+        return len(self._epochs.log)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the running sums live."""
+        return self._running.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of :meth:`inputs`: float32, or float64 once float64 losses were recorded."""
+        return self._dtype
+
+    @property
+    def distributed(self) -> bool:
+        """Whether :meth:`step` sums over the process group (when ``torch.distributed`` is initialised)."""
+        return self._sync.distributed
+
+    @property
+    def process_group(self) -> dist.ProcessGroup | None:
+        """The group :meth:`step` sums over (``None``: the world)."""
+        return self._sync.process_group
+
+    @property
+    def allow_empty_ranks(self) -> bool:
+        """Whether ranks may record no batch in an epoch."""
+        return self._sync.allow_empty_ranks
 
     @property
     def log(self) -> list[dict[str, Any]]:
@@ -127,9 +166,9 @@ class DWAHistory:
         Raises ``TypeError``/``ValueError`` for the losses :meth:`record` refuses
         for their form, dtype or K.
         """
-        if isinstance(losses, Tensor) and losses.dim() and losses.shape[-1] == self._epochs.num_tasks:
-            if losses.is_floating_point():  # the per-batch case, checked first
-                return losses
+        tasks = self._epochs.num_tasks
+        if isinstance(losses, Tensor) and losses.dim() and losses.shape[-1] == tasks and losses.is_floating_point():
+            return losses  # the per-batch case, checked first
         if isinstance(losses, Tensor):
             tensor = losses if losses.dim() else losses.reshape(1)
         else:
@@ -148,7 +187,8 @@ class DWAHistory:
         if not tensor.is_floating_point() or tensor.shape[-1] == 0:
             raise ValueError(
                 f"losses must be a floating-point tensor of shape [..., K] with K >= 1, got shape "
-                f"{list(tensor.shape)} and dtype {tensor.dtype}; stack the task losses, e.g. torch.stack([loss_a, loss_b])"
+                f"{list(tensor.shape)} and dtype {tensor.dtype}; stack the task losses, "
+                "e.g. torch.stack([loss_a, loss_b])"
             )
         self._epochs.check_num_tasks(tensor.shape[-1])
         return tensor
@@ -271,7 +311,9 @@ class DWAHistory:
 
     def _local(self) -> LocalEpoch:
         batches, weight, _ = self._running.read()
-        return LocalEpoch(self.num_tasks, self.tasks, str(self._dtype)[6:], self.epochs, batches, weight, self._running.sums)
+        return LocalEpoch(
+            self.num_tasks, self.tasks, str(self._dtype)[6:], self.epochs, batches, weight, self._running.sums
+        )
 
     def _adopt(self, epoch: GroupEpoch) -> None:
         """Take the group's K and precision (a rank that recorded nothing may not know them)."""
@@ -290,7 +332,9 @@ class DWAHistory:
         partial = self._sync.partial(*self._running.read())
         epochs = self._epochs
         dtype = str(self._dtype)[6:]  # "torch.float32" -> "float32"
-        return HistoryState(epochs.num_tasks, epochs.tasks, dtype, epochs.averages, partial, tuple(epochs.log)).to_dict()
+        return HistoryState(
+            epochs.num_tasks, epochs.tasks, dtype, epochs.averages, partial, tuple(epochs.log)
+        ).to_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` (format version 2 or 3).

@@ -108,8 +108,9 @@ class DWAWeights(nn.Module):
     """
 
     def forward(self, loss_t1: Tensor, loss_t2: Tensor, temperature: Tensor) -> Tensor:
-        if not torch.jit.is_scripting():
-            if not isinstance(temperature, Tensor):
+        if not torch.jit.is_scripting():  # TorchScript skips this block: only under a bare guard
+            given: object = temperature  # eager callers may pass a float
+            if not isinstance(given, Tensor):
                 temperature = torch.as_tensor(temperature, dtype=loss_t1.dtype, device=loss_t1.device)
         _check_pair(loss_t1, loss_t2)
         out_dtype = loss_t1.dtype

@@ -83,7 +83,11 @@ class DWA(nn.Module):
     ) -> None:
         super().__init__()
         self.history = DWAHistory(
-            num_tasks, tasks=tasks, distributed=distributed, process_group=process_group, allow_empty_ranks=allow_empty_ranks
+            num_tasks,
+            tasks=tasks,
+            distributed=distributed,
+            process_group=process_group,
+            allow_empty_ranks=allow_empty_ranks,
         )
         self.kernel = DWAWeights()
         self._temperature = check_temperature(temperature)
@@ -132,7 +136,7 @@ class DWA(nn.Module):
         """
         weights = self.weights.tolist()
         names = self.tasks or [f"task_{k}" for k in range(len(weights))]
-        return {prefix + name: value for name, value in zip(names, weights)}
+        return {prefix + name: value for name, value in zip(names, weights, strict=True)}
 
     @property
     def log(self) -> list[dict[str, Any]]:
@@ -149,12 +153,14 @@ class DWA(nn.Module):
         names = self.tasks
 
         def named(values: Sequence[float] | None) -> Any:
-            return values if values is None or names is None else dict(zip(names, values))
+            return values if values is None or names is None else dict(zip(names, values, strict=True))
 
-        out, previous = [], None
+        out: list[dict[str, Any]] = []
+        previous: list[float] | None = None
+        rates: list[float] | None
         for entry in self.history.log:
             averages = entry["averages"]
-            rates = None if previous is None else [a / p for a, p in zip(averages, previous)]
+            rates = None if previous is None else [a / p for a, p in zip(averages, previous, strict=True)]
             previous = averages
             out.append(
                 {
@@ -257,7 +263,7 @@ class DWA(nn.Module):
         # The state is not registered as buffers: DDP would broadcast rank 0's running
         # sums over every rank's, and .half() would lower their precision. It follows
         # the device only: fn applied to a probe on the state's own device says where to.
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # type: ignore[no-untyped-call]  # torch leaves Module._apply unannotated
         device = fn(torch.empty(0, device=self.history.device)).device
         self.history.to(device)
         weights = self._weights
@@ -274,7 +280,11 @@ class DWA(nn.Module):
         return {"temperature": self._temperature, "history": self.history.state_dict()}
 
     def set_extra_state(self, state: Any) -> None:
-        if not isinstance(state, dict) or not {"temperature", "history"} <= state.keys() <= {"temperature", "history", "log"}:
+        if not isinstance(state, dict) or not {"temperature", "history"} <= state.keys() <= {
+            "temperature",
+            "history",
+            "log",
+        }:
             raise ValueError(
                 "malformed DWA state: expected the dict saved by DWA.state_dict() with keys 'temperature' and "
                 f"'history', got {_short(state)}"
@@ -298,9 +308,13 @@ class DWA(nn.Module):
 def _with_dwa_log(history: Any, log: Any) -> Any:
     """A version-2 history state with the temperatures and weights that DWA kept beside it, as version 3."""
     if not (isinstance(history, dict) and history.get("version") == 2):
-        raise ValueError(f"malformed DWA state: a 'log' beside the history needs a version-2 history, got {_short(history)}")
+        raise ValueError(
+            f"malformed DWA state: a 'log' beside the history needs a version-2 history, got {_short(history)}"
+        )
     if not (isinstance(log, dict) and set(log) == {"temperature", "weights"}):
-        raise ValueError(f"malformed DWA state: 'log' must be {{'temperature': [...], 'weights': [...]}}, got {_short(log)}")
+        raise ValueError(
+            f"malformed DWA state: 'log' must be {{'temperature': [...], 'weights': [...]}}, got {_short(log)}"
+        )
     upgraded = upgrade(history)
     assert isinstance(upgraded, dict)
     return {**upgraded, "log": {**upgraded["log"], **log}}

@@ -31,18 +31,45 @@ class NumpyDWAHistory:
 
     def __init__(self, num_tasks: int | None = None, *, tasks: Sequence[str] | None = None) -> None:
         self._epochs = EpochHistory(num_tasks, tasks)
-        self._dtype = np.dtype(np.float32)  # of inputs()
+        self._dtype: np.dtype[np.floating[Any]] = np.dtype(np.float32)  # of inputs()
         self._sums: np.ndarray | None = None  # float64 [K], once K is known
         self._weight = 0.0
         self._batches = 0
 
-    num_tasks = property(lambda self: self._epochs.num_tasks, doc="K, once known.")
-    tasks = property(lambda self: self._epochs.tasks, doc="The task names, if any.")
-    ready = property(lambda self: self._epochs.ready, doc="Whether two epoch averages exist.")
-    averages = property(lambda self: self._epochs.averages, doc="The stored epoch averages, oldest first.")
-    epochs = property(lambda self: len(self._epochs.log), doc="The number of epochs closed since the start or reset().")
-    log = property(lambda self: self._epochs.entries(), doc="One dict per successful step(); see DWAHistory.log.")
-    dtype = property(lambda self: self._dtype, doc="The dtype of inputs(): float32, or float64 after float64 losses.")
+    @property
+    def num_tasks(self) -> int | None:
+        """K: given, or fixed by the first batch or a checkpoint."""
+        return self._epochs.num_tasks
+
+    @property
+    def tasks(self) -> tuple[str, ...] | None:
+        """The task names (given or loaded from a checkpoint), if any."""
+        return self._epochs.tasks
+
+    @property
+    def ready(self) -> bool:
+        """Whether two epoch averages exist: the weights are past the warm-up."""
+        return self._epochs.ready
+
+    @property
+    def averages(self) -> tuple[tuple[float, ...], ...]:
+        """The stored epoch averages as floats, oldest first (at most two)."""
+        return self._epochs.averages
+
+    @property
+    def epochs(self) -> int:
+        """The number of epochs closed since the start (or :meth:`reset`)."""
+        return len(self._epochs.log)
+
+    @property
+    def log(self) -> list[dict[str, Any]]:
+        """One JSON-friendly dict per successful :meth:`step`; see :attr:`dwa_export.DWAHistory.log`."""
+        return self._epochs.entries()
+
+    @property
+    def dtype(self) -> np.dtype[np.floating[Any]]:
+        """The dtype of :meth:`inputs`: float32, or float64 once float64 losses were recorded."""
+        return self._dtype
 
     def record(self, losses: Any, weight: Any = None) -> None:
         """Add one batch of per-task losses; see :meth:`dwa_export.DWAHistory.record`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import math
 import os
@@ -40,7 +41,7 @@ def _walk(root: Any) -> Iterator[tuple[Callable[[], str], Any]]:
         seen.add(id(value))
         if parent is not None:
             parents[id(value)] = (parent, step)
-        yield (lambda key=id(value): _path(parents, key)), value
+        yield functools.partial(_path, parents, id(value)), value
         if isinstance(value, dict):
             children = [(child, f"[{key!r}]") for key, child in value.items()]
         elif isinstance(value, (list, tuple)):
@@ -133,7 +134,7 @@ def load_log(checkpoint: Any, temperature: float = 2.0) -> tuple[list[dict[str, 
     log, computed = [], False
     for i, entry in enumerate(history.log):
         previous = history.log[i - 1]["averages"] if i else None
-        rates = None if previous is None else [a / p for a, p in zip(entry["averages"], previous)]
+        rates = None if previous is None else [a / p for a, p in zip(entry["averages"], previous, strict=True)]
         if entry["weights"] is None:
             computed = True
             entry = dict(entry, temperature=temperature)
@@ -168,7 +169,12 @@ def write_csv(log: list[dict[str, Any]], names: list[str], out: Any) -> None:
         + [f"weight_{n}" for n in names]
     )
     for entry in log:
-        cells = [entry["epoch"], entry["batches"], repr(entry["weight"]), "" if entry["temperature"] is None else repr(entry["temperature"])]
+        cells = [
+            entry["epoch"],
+            entry["batches"],
+            repr(entry["weight"]),
+            "" if entry["temperature"] is None else repr(entry["temperature"]),
+        ]
         for key in ("averages", "rates", "weights"):
             cells += ["" if v is None else repr(v) for v in _values(entry[key], names)]
         writer.writerow(cells)
@@ -185,19 +191,21 @@ def draw(log: list[dict[str, Any]], names: list[str], output: Path, title: str) 
     used_in = list(range(1, epochs + 1))
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 6.5), sharex=True, constrained_layout=True)
     # Uniform weights until the first entry that has rates (two averages), i.e. epochs 0 and 1.
-    warm_up_end = next((e for e, entry in zip(used_in, log) if entry["rates"] is not None), epochs + 1) - 1
+    warm_up_end = next((e for e, entry in zip(used_in, log, strict=True) if entry["rates"] is not None), epochs + 1) - 1
     for axis in (top, bottom):
         axis.axvspan(-0.5, warm_up_end + 0.5, color="0.9", zorder=0, label="_nolegend_")
         axis.grid(True, alpha=0.3)
-    columns = list(zip(*[_values(entry["weights"], names) for entry in log])) if log else [[]] * len(names)
-    for name, weights in zip(names, columns):
+    columns = list(zip(*[_values(entry["weights"], names) for entry in log], strict=True)) if log else [()] * len(names)
+    for name, weights in zip(names, columns, strict=True):
         top.plot([0, *used_in], [1.0, *[math.nan if w is None else w for w in weights]], marker=".", label=name)
     top.set_ylabel("weight used in the epoch")
     top.set_title(title, fontsize=10)
     top.legend(loc="best", fontsize=8)
-    averages = list(zip(*[_values(entry["averages"], names) for entry in log])) if log else [[]] * len(names)
+    averages = (
+        list(zip(*[_values(entry["averages"], names) for entry in log], strict=True)) if log else [()] * len(names)
+    )
     positive = all(v > 0 for column in averages for v in column)
-    for name, values in zip(names, averages):
+    for name, values in zip(names, averages, strict=True):
         bottom.plot(range(epochs), values, marker=".", label=name)
     if positive and epochs:
         bottom.set_yscale("log")
@@ -217,17 +225,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     parser.add_argument("state", type=Path, help="the checkpoint file")
-    parser.add_argument("-o", "--output", type=Path, default=Path("dwa_weights.png"), help="the image to write (default: dwa_weights.png)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=Path("dwa_weights.png"),
+        help="the image to write (default: dwa_weights.png)",
+    )
     parser.add_argument("--csv", action="store_true", help="print the log as CSV instead of drawing")
     parser.add_argument(
-        "--temperature", type=float, default=2.0, help="T for the weights of a DWAHistory state, which stores none (default: 2.0)"
+        "--temperature",
+        type=float,
+        default=2.0,
+        help="T for the weights of a DWAHistory state, which stores none (default: 2.0)",
     )
     args = parser.parse_args(argv)
     if not args.csv:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            print('dwa-export plot: error: drawing needs matplotlib: pip install "dwa-export[plot]" (or use --csv)', file=sys.stderr)
+            print(
+                'dwa-export plot: error: drawing needs matplotlib: pip install "dwa-export[plot]" (or use --csv)',
+                file=sys.stderr,
+            )
             return 2
     try:
         log, names, where = load_log(read_checkpoint(args.state), args.temperature)

@@ -30,13 +30,14 @@ def valid_rows(loss_t1: np.ndarray, loss_t2: np.ndarray) -> np.ndarray:
     ~1.4e-45 in float32 is not representable).
     """
     l1, l2 = np.asarray(loss_t1), np.asarray(loss_t2)
-    dtype = compute_dtype(np.result_type(l1.dtype, l2.dtype) if l1.dtype.kind == "f" else np.float64)
+    dtype = compute_dtype(np.result_type(l1.dtype, l2.dtype) if l1.dtype.kind == "f" else np.dtype(np.float64))
     a, b = l1.astype(np.float64), l2.astype(np.float64)
     ok = np.isfinite(a) & np.isfinite(b) & (a != 0) & (b != 0) & (np.signbit(a) == np.signbit(b))
     with np.errstate(divide="ignore", invalid="ignore", over="ignore", under="ignore"):
         rate = l1.astype(dtype) / l2.astype(dtype)
     ok &= np.isfinite(rate) & (rate != 0)
-    return np.all(ok, axis=-1, keepdims=True)
+    rows: np.ndarray = np.all(ok, axis=-1, keepdims=True)
+    return rows
 
 
 def reference_weights(loss_t1: np.ndarray, loss_t2: np.ndarray, temperature: np.ndarray | float) -> np.ndarray:

@@ -149,7 +149,9 @@ def upgrade(state: object) -> object:
     partial, dtype = state["partial"], "float32"
     if partial is not None:
         if not isinstance(partial, (list, tuple)) or len(partial) != 6:
-            raise _bad(f"'partial' must be None or [rank, world_size, dtype, batches, weight, sums], got {_short(partial)}")
+            raise _bad(
+                f"'partial' must be None or [rank, world_size, dtype, batches, weight, sums], got {_short(partial)}"
+            )
         dtype, partial = partial[2], [*partial[:2], *partial[3:]]
         if dtype not in DTYPES:
             raise _bad(f"the dtype in 'partial' must be one of {list(DTYPES)}, got {_short(dtype)}")
@@ -196,9 +198,9 @@ def _numbers(value: object, length: int | None, what: str, finite: bool = True) 
 
 
 def _count(value: object, what: str, low: int, high: int = MAX_COUNT) -> int:
-    if not _is_int(value) or not low <= value <= high:  # type: ignore[operator]  # an int
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise _bad(f"{what} must be an int from {low} to {high}, got {_short(value)}")
-    return int(value)  # type: ignore[call-overload]  # an int
+    return value
 
 
 def _check_chain(averages: Sequence[Sequence[float]], what: str) -> None:
@@ -224,7 +226,9 @@ def _parse_partial(value: object, num_tasks: int | None) -> RunningEpoch | None:
     weight = _number(weight, "the weight in 'partial'")
     if weight < 0.0:  # NaN and +inf mark a poisoned epoch, which step() reports
         raise _bad(f"the weight in 'partial' must be >= 0, got {weight!r}")
-    return RunningEpoch(rank, world_size, batches, weight, _numbers(sums, num_tasks, "the sums in 'partial'", finite=False))
+    return RunningEpoch(
+        rank, world_size, batches, weight, _numbers(sums, num_tasks, "the sums in 'partial'", finite=False)
+    )
 
 
 def _parse_log(value: object, num_tasks: int | None) -> tuple[LogEntry, ...]:
@@ -235,7 +239,7 @@ def _parse_log(value: object, num_tasks: int | None) -> tuple[LogEntry, ...]:
     if not all(isinstance(column, (list, tuple)) for column in columns) or len({len(c) for c in columns}) != 1:
         raise _bad(f"the columns of 'log' must be lists of one length, got {_short(value)}")
     entries = []
-    for i, (batches, weight, average, temperature, entry_weights) in enumerate(zip(*columns)):
+    for i, (batches, weight, average, temperature, entry_weights) in enumerate(zip(*columns, strict=True)):
         total = _number(weight, f"log weight[{i}]")
         if not (math.isfinite(total) and total > 0.0):
             raise _bad(f"log weight[{i}] must be a finite number > 0, got {_short(weight)}")

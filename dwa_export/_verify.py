@@ -72,20 +72,18 @@ def _load(artifact: Artifact, path: Path) -> Runner:
             session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
         def run_onnx(l1: np.ndarray, l2: np.ndarray, t: np.ndarray) -> np.ndarray:
-            return session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (l1, l2, t))))[0]
+            weights: np.ndarray = session.run(list(OUTPUT_NAMES), dict(zip(INPUT_NAMES, (l1, l2, t), strict=True)))[0]
+            return weights
 
         return run_onnx
 
     import torch
 
-    if artifact.format == "torchscript":
-        module = torch.jit.load(str(path))
-    else:
-        module = torch.export.load(str(path)).module()
+    module = torch.jit.load(str(path)) if artifact.format == "torchscript" else torch.export.load(str(path)).module()
 
     def run_torch(l1: np.ndarray, l2: np.ndarray, t: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            out = module(torch.from_numpy(l1), torch.from_numpy(l2), torch.from_numpy(t))
+            out: torch.Tensor = module(torch.from_numpy(l1), torch.from_numpy(l2), torch.from_numpy(t))
         return out.numpy()
 
     return run_torch
@@ -122,19 +120,23 @@ def _check_case(result: Verification, artifact: Artifact, run: Runner, case: Cas
         result.problems.append(f"{case.name}: an invalid temperature did not raise")
         return
     if got.shape != case.expected.shape or got.dtype != case.loss_t1.dtype:
-        result.problems.append(f"{case.name}: got {got.dtype}{list(got.shape)}, expected {case.loss_t1.dtype}{list(case.expected.shape)}")
+        result.problems.append(
+            f"{case.name}: got {got.dtype}{list(got.shape)}, expected {case.loss_t1.dtype}{list(case.expected.shape)}"
+        )
         return
     got = got.astype(np.float64)
     if not np.array_equal(np.isnan(got), np.isnan(case.expected)):
-        result.problems.append(f"{case.name}: NaN pattern {np.isnan(got).tolist()} != expected {np.isnan(case.expected).tolist()}")
+        result.problems.append(
+            f"{case.name}: NaN pattern {np.isnan(got).tolist()} != expected {np.isnan(case.expected).tolist()}"
+        )
         return
     finite = ~np.isnan(case.expected)
     if finite.any():
-        error = float(np.max(np.abs(got[finite] - case.expected[finite])))
-        result.max_error = max(result.max_error, error)
-        result.worst_ratio = max(result.worst_ratio, error / case.bound)
-        if not error <= case.bound:
-            result.problems.append(f"{case.name}: max abs error {error:.3g} exceeds the bound {case.bound:.3g}")
+        worst = float(np.max(np.abs(got[finite] - case.expected[finite])))
+        result.max_error = max(result.max_error, worst)
+        result.worst_ratio = max(result.worst_ratio, worst / case.bound)
+        if not worst <= case.bound:
+            result.problems.append(f"{case.name}: max abs error {worst:.3g} exceeds the bound {case.bound:.3g}")
 
 
 def _rejects_mismatched_shapes(artifact: Artifact, run: Runner) -> bool:
@@ -234,6 +236,7 @@ def entry_problems(artifact: Artifact, path: Path, entry: Any) -> list[str]:
 def _differences(recorded: Any, actual: Any, where: str = "") -> list[str]:
     """Where the JSON values ``recorded`` and ``actual`` differ, as phrases (``True`` is not ``1``, nor ``1.0``)."""
     if isinstance(recorded, dict) and isinstance(actual, dict):
+
         def at(key: Any) -> str:
             return f"{where}[{key!r:.80}]" if where else f"{key!s:.80}"
 
@@ -244,7 +247,11 @@ def _differences(recorded: Any, actual: Any, where: str = "") -> list[str]:
                 out += _differences(recorded[key], actual[key], at(key))
         return out
     if isinstance(recorded, list) and isinstance(actual, list) and len(recorded) == len(actual):
-        return [d for i, pair in enumerate(zip(recorded, actual)) for d in _differences(*pair, f"{where}[{i}]")]
+        return [
+            d
+            for i, pair in enumerate(zip(recorded, actual, strict=False))
+            for d in _differences(*pair, f"{where}[{i}]")
+        ]
     if json.dumps(recorded) == json.dumps(actual):
         return []
     return [f"says {where} is {recorded!r:.120}, the file has {actual!r:.120}"]
@@ -267,7 +274,9 @@ def manifest_problems(text: str, manifest: dict[str, Any]) -> list[str]:
     expected = manifest_text(manifest)
     if text != expected:
         lines, wanted = text.splitlines(), expected.splitlines()
-        line = next((i for i, (a, b) in enumerate(zip(lines, wanted)) if a != b), min(len(lines), len(wanted)))
+        line = next(
+            (i for i, (a, b) in enumerate(zip(lines, wanted, strict=False)) if a != b), min(len(lines), len(wanted))
+        )
         problems.append(
             f"line {line + 1} is not laid out as dwa-export writes it (edited by hand or another tool?); "
             "dwa-export rewrites it"
@@ -308,5 +317,8 @@ def readme_problems(out_dir: Path, exported_by: object) -> list[str]:
         return []
     running = toolchain()["dwa_export"]
     if exported_by != running:
-        return [f"differs from the README of dwa_export {running} (the folder was exported by {exported_by!r:.40}): run dwa-export"]
+        return [
+            f"differs from the README of dwa_export {running} (the folder was exported by {exported_by!r:.40}): "
+            "run dwa-export"
+        ]
     return [f"differs from the README that dwa_export {running} writes: modified after export? dwa-export rewrites it"]

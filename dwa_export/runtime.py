@@ -35,7 +35,11 @@ from ._numpy_history import NumpyDWAHistory
 
 __all__ = ["DWAWeightsSession", "LossHistoryError", "NumpyDWAHistory"]
 
-_ONNX_TYPES = {"tensor(float)": np.dtype(np.float32), "tensor(double)": np.dtype(np.float64), "tensor(float16)": np.dtype(np.float16)}
+_ONNX_TYPES: dict[str, np.dtype] = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(double)": np.dtype(np.float64),
+    "tensor(float16)": np.dtype(np.float16),
+}
 _INPUTS = ("loss_t1", "loss_t2", "temperature")
 _OUTPUTS = ("weights",)
 _PRODUCER = "dwa_export"
@@ -139,7 +143,9 @@ class DWAWeightsSession:
         names = tuple(i.name for i in inputs), tuple(o.name for o in outputs)
         problems = []
         if names != (_INPUTS, _OUTPUTS):
-            problems.append(f"inputs {list(names[0])} and outputs {list(names[1])}, expected {list(_INPUTS)} and {list(_OUTPUTS)}")
+            problems.append(
+                f"inputs {list(names[0])} and outputs {list(names[1])}, expected {list(_INPUTS)} and {list(_OUTPUTS)}"
+            )
         else:
             types = sorted({v.type for v in (*inputs, *outputs)})
             if len(types) != 1 or types[0] not in _ONNX_TYPES:
@@ -170,7 +176,7 @@ class DWAWeightsSession:
             expected = np.array([_PROBE_WEIGHTS[0], 2 - _PROBE_WEIGHTS[0]])
         tolerance = 2e-3 if self.dtype == np.float16 else 1e-5
         try:
-            got = self._session.run(self._output_names, dict(zip(_INPUTS, feeds)))[0]
+            got = self._session.run(self._output_names, dict(zip(_INPUTS, feeds, strict=True)))[0]
             ok = got.shape == expected.shape and bool(np.all(np.abs(got.astype(np.float64) - expected) <= tolerance))
         except Exception as error:  # noqa: BLE001 - any ONNX Runtime failure means: not our kernel
             got, ok = f"an error ({str(error).strip()[:200]})", False
@@ -193,13 +199,16 @@ class DWAWeightsSession:
             raise ValueError(f"loss_t1 and loss_t2 must have the same shape, got {loss_t1.shape} and {loss_t2.shape}")
         temperature = self._temperature(temperature, loss_t1.shape)
         feeds = {"loss_t1": loss_t1, "loss_t2": loss_t2, "temperature": temperature}
-        return self._session.run(self._output_names, feeds)[0]
+        weights: np.ndarray = self._session.run(self._output_names, feeds)[0]
+        return weights
 
     def _losses(self, value: Any, name: str) -> np.ndarray:
         if isinstance(value, np.ndarray):
             array = value
             if array.dtype != self.dtype:
-                raise TypeError(f"{name} must be {self.dtype} for this model, got {array.dtype}; convert it with .astype")
+                raise TypeError(
+                    f"{name} must be {self.dtype} for this model, got {array.dtype}; convert it with .astype"
+                )
         else:
             raw = _real_array(value, name)
             with np.errstate(over="ignore"):
