@@ -20,9 +20,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from reference import dwa_weights  # noqa: E402
-
 from dwa_export._conformance import Case  # noqa: E402  (only the container: values are computed here)
+from reference import dwa_weights  # noqa: E402
 
 PATH = Path(__file__).parent / "data" / "conformance.npz"
 DTYPES = ("float32", "float64")
@@ -109,7 +108,7 @@ def load(path: Path = PATH) -> list[Case]:
     data = np.load(path)
     return [
         Case(str(name), str(dtype), *(data[key] for key in refs), float(b))
-        for name, dtype, refs, b in zip(data["names"], data["dtypes"], data["refs"], data["bounds"])
+        for name, dtype, refs, b in zip(data["names"], data["dtypes"], data["refs"], data["bounds"], strict=True)
     ]
 
 

@@ -147,7 +147,9 @@ def scenario(name: str, rank: int, world_size: int, workdir: Path, device: str) 
             train(dwa, rank, world_size, stop=STOP, device=device)
             if consolidated:
                 dwa.consolidate_state_dict()
-            torch.save(dwa.state_dict(), workdir / f"to_one_{'consolidated' if consolidated else 'local'}_rank{rank}.pt")
+            torch.save(
+                dwa.state_dict(), workdir / f"to_one_{'consolidated' if consolidated else 'local'}_rank{rank}.pt"
+            )
         return {}
 
     if name == "load_from_one_process":  # 1 -> 2: a file the test saved in a single process

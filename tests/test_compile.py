@@ -54,7 +54,7 @@ def task_losses(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 FORMS = {
     "dwa(losses)": lambda dwa, h, x, y, w, wt: dwa(task_losses(x, y)),
     "dwa(per-sample losses)": lambda dwa, h, x, y, w, wt: dwa(per_sample_losses(x, y)),
-    "dwa(dict)": lambda dwa, h, x, y, w, wt: dwa(dict(zip(("a", "b", "c"), task_losses(x, y).unbind()))),
+    "dwa(dict)": lambda dwa, h, x, y, w, wt: dwa(dict(zip(("a", "b", "c"), task_losses(x, y).unbind(), strict=True))),
     "dwa(float64 losses)": lambda dwa, h, x, y, w, wt: dwa(task_losses(x.double(), y.double())),
     "record(losses)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x, y)),
     "record(losses, weight=int)": lambda dwa, h, x, y, w, wt: h.record(task_losses(x, y), weight=w),
@@ -80,7 +80,7 @@ def run(form, dwa, history, compile_with=None):
 
     fn = loss_fn if compile_with is None else torch.compile(loss_fn, backend=compile_with, fullgraph=True)
     weights, averages, counts = [], [], []
-    for epoch, b, x, y, w, wt in batches():
+    for _epoch, b, x, y, w, wt in batches():
         fn(x, y, w, wt)
         if b == BATCHES - 1:
             dwa.step()
@@ -105,7 +105,7 @@ def test_compiled_loss_function_compiles_at_most_twice_and_matches_eager(form, n
     if form == "dwa(losses)" and num_tasks:
         assert counter.frame_count == 1  # the usual loop: one graph for every batch and epoch
     assert compiled[2][0] == compiled[2][-1], f"step() between epochs recompiled: {compiled[2]}"
-    for got, want in zip(compiled[0], eager[0]):
+    for got, want in zip(compiled[0], eager[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
     np.testing.assert_allclose(compiled[1], eager[1], rtol=1e-6)
     assert not torch.allclose(compiled[0][-1].float(), torch.ones(K), atol=1e-3)  # DWA really moved the weights
@@ -159,11 +159,11 @@ def train(dwa: DWA, compiled: bool, epochs: int = 4, per_epoch: int = 6):
 def test_a_whole_compiled_train_step_runs_and_matches_eager(num_tasks):
     eager = train(DWA(num_tasks=num_tasks), compiled=False)
     compiled = train(DWA(num_tasks=num_tasks), compiled=True)
-    for got, want in zip(compiled[0], eager[0]):
+    for got, want in zip(compiled[0], eager[0], strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
-    for got, want in zip(compiled[1], eager[1]):
+    for got, want in zip(compiled[1], eager[1], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    for got, want in zip(compiled[2], eager[2]):
+    for got, want in zip(compiled[2], eager[2], strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(compiled[0][-1], torch.ones(K), atol=1e-3)
 
@@ -360,4 +360,3 @@ def test_compiled_and_eager_calls_can_be_mixed_in_one_epoch():
         reference.step()
     assert dwa.history.log == reference.history.log
     torch.testing.assert_close(dwa.weights, reference.weights, atol=0, rtol=0)
-

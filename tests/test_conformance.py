@@ -73,7 +73,11 @@ def test_the_stored_set_covers_what_the_contract_names():
     # alone ([K]) and between good rows ([N, K]), in both dtypes.
     for dtype in ("float32", "float64"):
         for where in ("first", "middle", "last"):
-            spots = [f"{side}={value}/{where}" for side in ("loss_t1", "loss_t2") for value in ("0", "-0", "nan", "inf", "-inf")]
+            spots = [
+                f"{side}={value}/{where}"
+                for side in ("loss_t1", "loss_t2")
+                for value in ("0", "-0", "nan", "inf", "-inf")
+            ]
             spots += [f"sign-change/+to-/{where}", f"sign-change/-to+/{where}"]
             for spot in spots:
                 for suffix in ("", "/batched"):
@@ -94,7 +98,12 @@ def test_only_the_bad_rows_of_a_mixed_batch_are_nan():
 def test_hand_worked_invalid_and_edge_rows():
     """The stored expectations of a few cases, by hand: what issue 11 reported, and what stays valid."""
     named = {c.name: c for c in by("float32")}
-    for name in ("special/loss_t2=inf/first", "special/loss_t1=0/first", "special/sign-change/+to-/middle", "special/rate-overflows"):
+    for name in (
+        "special/loss_t2=inf/first",
+        "special/loss_t1=0/first",
+        "special/sign-change/+to-/middle",
+        "special/rate-overflows",
+    ):
         assert np.isnan(named[name].expected).all(), name
     # Both epochs negative: rates 0.5, 0.8, 0.9 as for GOOD_ROW. T = 2:
     # w = 3 exp(r/2) / sum exp(r/2).
@@ -137,7 +146,11 @@ def test_committed_torchscript_file(dtype):
 
 def test_committed_onnx_files_in_onnxruntime():
     check(onnx_runner(EXPORTED / "dwa_weights.onnx"), by("float32", batched=False), raises_on_invalid_temperature=False)
-    check(onnx_runner(EXPORTED / "dwa_weights_batched.onnx"), by("float32", batched=True), raises_on_invalid_temperature=False)
+    check(
+        onnx_runner(EXPORTED / "dwa_weights_batched.onnx"),
+        by("float32", batched=True),
+        raises_on_invalid_temperature=False,
+    )
 
 
 def reference_evaluator_runner(path: Path):
@@ -179,9 +192,19 @@ def float64_artifacts(tmp_path_factory):
 
 def test_float64_onnx_and_torch_export(float64_artifacts):
     out = float64_artifacts
-    check(onnx_runner(out / "dwa_weights_float64.onnx"), by("float64", batched=False), raises_on_invalid_temperature=False)
-    check(onnx_runner(out / "dwa_weights_batched_float64.onnx"), by("float64", batched=True), raises_on_invalid_temperature=False)
-    check(reference_evaluator_runner(out / "dwa_weights_batched_float64.onnx"), by("float64", batched=True), raises_on_invalid_temperature=False)
+    check(
+        onnx_runner(out / "dwa_weights_float64.onnx"), by("float64", batched=False), raises_on_invalid_temperature=False
+    )
+    check(
+        onnx_runner(out / "dwa_weights_batched_float64.onnx"),
+        by("float64", batched=True),
+        raises_on_invalid_temperature=False,
+    )
+    check(
+        reference_evaluator_runner(out / "dwa_weights_batched_float64.onnx"),
+        by("float64", batched=True),
+        raises_on_invalid_temperature=False,
+    )
     single = torch.export.load(str(out / "dwa_weights_float64.pt2")).module()
     batched = torch.export.load(str(out / "dwa_weights_batched_float64.pt2")).module()
     check(torch_runner(single), by("float64", batched=False), raises_on_invalid_temperature=False)

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from distributed_worker import BATCHES, EPOCHS, K, STOP, global_batches, train
+from distributed_worker import BATCHES, EPOCHS, STOP, K, global_batches, train
 from dwa_export import DWA
 from reference import dwa_weights
 
@@ -82,7 +82,7 @@ def spawn(world_size: int, scenarios: list[str], workdir: Path, backend: str = "
             if proc.poll() is None:
                 proc.kill()
     results = []
-    for proc, (stdout, stderr) in zip(procs, outputs):
+    for proc, (stdout, stderr) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, stderr[-3000:]
         lines = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
         by_name = {line.pop("scenario"): line for line in lines}
@@ -199,9 +199,7 @@ def test_a_checkpoint_holding_one_rank_s_running_epoch_warns_on_every_rank_with_
     weights = [r[recipe]["weights"] for r in two_ranks]
     assert weights[0] == weights[1]
     outcomes = {rank: lost_rank_reference([rank]) for rank in (0, 1)}
-    matches = [
-        rank for rank, want in outcomes.items() if np.allclose(weights[0], want[STOP[0] :], atol=1e-6, rtol=0)
-    ]
+    matches = [rank for rank, want in outcomes.items() if np.allclose(weights[0], want[STOP[0] :], atol=1e-6, rtol=0)]
     assert len(matches) == 1, matches
     if recipe == "rank0_file":
         assert matches == [0]
@@ -332,4 +330,3 @@ def test_the_same_scenarios_run_unchanged_on_nccl(tmp_path):
     for rank_results in results:
         assert_weights(rank_results["per_rank_files"]["weights"], results[0]["uninterrupted"]["weights"][STOP[0] :])
         assert rank_results["extra_step"]["error"] == "RankMismatchError"
-

@@ -35,7 +35,6 @@ from dwa_export._export import (
     MIN_OPSET,
     Artifact,
     onnx_bytes,
-    plan,
     quiet_exporters,
     read_manifest_text,
     toolchain,
@@ -46,7 +45,13 @@ from reference import dwa_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPORTED = ROOT / "exported"
-COMMITTED = ["dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_batched.onnx", "dwa_weights.pt2", "dwa_weights_batched.pt2"]
+COMMITTED = [
+    "dwa_weights.pt",
+    "dwa_weights.onnx",
+    "dwa_weights_batched.onnx",
+    "dwa_weights.pt2",
+    "dwa_weights_batched.pt2",
+]
 MANIFEST = json.loads((EXPORTED / "manifest.json").read_text())
 
 
@@ -107,7 +112,9 @@ class Started:
 
 def start(folder: Path, command: list[str], **options) -> Started:
     with open(folder / "stdout", "wb") as stdout, open(folder / "stderr", "wb") as stderr:
-        return Started(subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, **options), folder)
+        return Started(
+            subprocess.Popen(command, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL, **options), folder
+        )
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,7 +171,9 @@ def test_dynamic_k_and_n_really_vary_at_run_time():
         l1, l2 = rng.uniform(0.5, 2, k).astype(np.float32), rng.uniform(0.5, 2, k).astype(np.float32)
         expected = dwa_weights(l1, l2, 2.0)
         np.testing.assert_allclose(run(single, l1, l2, np.array(2.0, np.float32)), expected, atol=1e-5)
-        np.testing.assert_allclose(program(torch.from_numpy(l1), torch.from_numpy(l2), torch.tensor(2.0)), expected, atol=1e-5)
+        np.testing.assert_allclose(
+            program(torch.from_numpy(l1), torch.from_numpy(l2), torch.tensor(2.0)), expected, atol=1e-5
+        )
         for n in (1, 4):
             b1, b2 = rng.uniform(0.5, 2, (n, k)).astype(np.float32), rng.uniform(0.5, 2, (n, k)).astype(np.float32)
             per_row = rng.uniform(0.5, 3, (n, 1)).astype(np.float32)
@@ -219,7 +228,9 @@ def test_every_supported_opset_exports_checks_and_runs(opset, fresh_onnx):
     committed = onnx.load(str(EXPORTED / "dwa_weights.onnx"))
     assert {n.op_type for n in model.graph.node} == {n.op_type for n in committed.graph.node}  # see above
     l1, l2 = np.array([0.75, 0.86, 0.5], np.float32), np.ones(3, np.float32)
-    np.testing.assert_allclose(run(session(model_bytes), l1, l2, np.array(2.0, np.float32)), dwa_weights(l1, l2, 2.0), atol=1e-6)
+    np.testing.assert_allclose(
+        run(session(model_bytes), l1, l2, np.array(2.0, np.float32)), dwa_weights(l1, l2, 2.0), atol=1e-6
+    )
 
 
 def test_the_newest_opset_comes_from_torch_itself():
@@ -258,7 +269,10 @@ def test_torchscript_file_keeps_its_source_for_tracebacks_under_a_relative_name(
 def test_committed_onnx_matches_what_the_current_kernel_exports(fresh_onnx):
     for name, fresh in fresh_onnx.items():
         committed = (EXPORTED / name).read_bytes()
-        if toolchain()["torch"] == MANIFEST["toolchain"]["torch"] and toolchain()["onnxscript"] == MANIFEST["toolchain"]["onnxscript"]:
+        if (
+            toolchain()["torch"] == MANIFEST["toolchain"]["torch"]
+            and toolchain()["onnxscript"] == MANIFEST["toolchain"]["onnxscript"]
+        ):
             assert committed == fresh, f"exported/{name} is stale: run dwa-export and commit exported/"
         # Whatever the toolchain: the same graph (ops, wiring, attributes, constants, I/O).
         a, b = onnx.load_from_string(committed), onnx.load_from_string(fresh)
@@ -307,11 +321,18 @@ def test_cli_exports_and_verifies(cli_run):
     text = cli_run.stdout
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(
-        ["README.md", "manifest.json", "dwa_weights.pt", "dwa_weights.onnx", "dwa_weights_float64.onnx", "dwa_weights_float16.onnx"]
+        [
+            "README.md",
+            "manifest.json",
+            "dwa_weights.pt",
+            "dwa_weights.onnx",
+            "dwa_weights_float64.onnx",
+            "dwa_weights_float16.onnx",
+        ]
     )
     for name in ("dwa_weights.pt", "dwa_weights_float16.onnx"):
         assert f"export  {out / name}" in text and f"verify  {out / name}" in text
-    table = text[text.index("artifact  "):]
+    table = text[text.index("artifact  ") :]
     assert "err/bound" in table and "load ms" in table and "call us" in table
     assert table.count(" ok") == 4 and "FAILED" not in table
     rows = {line.split()[0]: line.split() for line in table.splitlines()[2:6]}
@@ -320,7 +341,9 @@ def test_cli_exports_and_verifies(cli_run):
     assert 0 < float(rows["dwa_weights.onnx"][3]) <= 1  # err/bound of a passing file
     # One line says what the numbers mean (issue 13: "max abs err 1.26e-02" next to "about 1e-6").
     assert "err/bound: worst |weights - float64 reference| / that case's bound" in table and "<= 1 passes" in table
-    assert json.loads((out / "manifest.json").read_text())["artifacts"]["dwa_weights_float16.onnx"]["dtype"] == "float16"
+    assert (
+        json.loads((out / "manifest.json").read_text())["artifacts"]["dwa_weights_float16.onnx"]["dtype"] == "float16"
+    )
 
 
 def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
@@ -329,7 +352,10 @@ def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert main(["--check", "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"all 5 artifacts verified against the float64 reference, each in its own runtime: every file {out / 'manifest.json'} lists" in text
+    assert (
+        "all 5 artifacts verified against the float64 reference, each in its own runtime: "
+        f"every file {out / 'manifest.json'} lists" in text
+    )
     assert f"check   {out / 'manifest.json'}  fields and layout  ok" in text
     assert f"check   {out / 'README.md'}  against the packaged README  ok" in text
     assert "not verifiable: the toolchain manifest.json records (torch " in text
@@ -338,7 +364,10 @@ def test_cli_check_passes_on_the_committed_artifacts(tmp_path, capsys):
     assert main(["--check", "--out", str(out), "--formats", "onnx"]) == 0
     text = capsys.readouterr().out
     assert "all 1 artifacts verified" in text
-    assert "those --formats/--dtype chose; not verified: dwa_weights.pt, dwa_weights.pt2, dwa_weights_batched.onnx, dwa_weights_batched.pt2" in text
+    assert (
+        "those --formats/--dtype chose; not verified: "
+        "dwa_weights.pt, dwa_weights.pt2, dwa_weights_batched.onnx, dwa_weights_batched.pt2" in text
+    )
 
 
 def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
@@ -354,7 +383,9 @@ def test_cli_check_catches_a_tampered_file(tmp_path, capsys):
 
     # Even with the manifest updated to match, the numbers give it away.
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["artifacts"]["dwa_weights.onnx"]["sha256"] = hashlib.sha256((out / "dwa_weights.onnx").read_bytes()).hexdigest()
+    manifest["artifacts"]["dwa_weights.onnx"]["sha256"] = hashlib.sha256(
+        (out / "dwa_weights.onnx").read_bytes()
+    ).hexdigest()
     write_manifest_as_dwa_export_does(out, manifest)
     assert main(["--check", "--out", str(out), "--formats", "onnx", "--quiet"]) == 1
     captured = capsys.readouterr()
@@ -426,7 +457,7 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_whole(tmp_path, capsys)
     assert json.loads((out / "manifest.json").read_text())["artifacts"].keys() == {"dwa_weights.onnx"}
 
 
-# --------------------------------------------------------------------------- --check: every listed file, every field, the README
+# ------------------------------------------------------ --check: every listed file, every field, the README
 
 
 def test_check_verifies_every_file_the_manifest_lists_whatever_its_dtype(cli_run, exported_copy, capsys):
@@ -436,7 +467,9 @@ def test_check_verifies_every_file_the_manifest_lists_whatever_its_dtype(cli_run
     out = exported_copy
     shutil.copy(cli_run.out / "dwa_weights_float64.onnx", out)
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["artifacts"]["dwa_weights_float64.onnx"] = json.loads((cli_run.out / "manifest.json").read_text())["artifacts"]["dwa_weights_float64.onnx"]
+    manifest["artifacts"]["dwa_weights_float64.onnx"] = json.loads((cli_run.out / "manifest.json").read_text())[
+        "artifacts"
+    ]["dwa_weights_float64.onnx"]
     manifest["artifacts"] = dict(sorted(manifest["artifacts"].items()))
     write_manifest_as_dwa_export_does(out, manifest)
     data = bytearray((out / "dwa_weights_float64.onnx").read_bytes())
@@ -526,7 +559,10 @@ def test_check_wants_the_manifest_as_dwa_export_writes_it(exported_copy, capsys)
     (out / "manifest.json").write_text(json.dumps(json.loads((out / "manifest.json").read_text())))
     assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "manifest.json: line 1 is not laid out as dwa-export writes it" in err and f"{out / 'manifest.json'} FAILED" in err
+    assert (
+        "manifest.json: line 1 is not laid out as dwa-export writes it" in err
+        and f"{out / 'manifest.json'} FAILED" in err
+    )
 
 
 def test_check_catches_a_rewritten_readme(exported_copy, capsys):
@@ -536,7 +572,10 @@ def test_check_catches_a_rewritten_readme(exported_copy, capsys):
     # The README is checked whatever --formats chooses: one artifact keeps the test short.
     assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1
     err = capsys.readouterr().err
-    assert "README.md: differs from the README that dwa_export 0.1.0 writes" in err and f"{out / 'README.md'} FAILED" in err
+    assert (
+        "README.md: differs from the README that dwa_export 0.1.0 writes" in err
+        and f"{out / 'README.md'} FAILED" in err
+    )
     assert "artifacts FAILED" not in err  # the artifacts themselves passed
     (out / "README.md").unlink()
     assert main(["--check", "--out", str(out), "--formats", "torchscript", "--quiet"]) == 1

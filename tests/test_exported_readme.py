@@ -59,6 +59,8 @@ def test_libtorch_snippet_compiles_and_runs_from_the_repository_root(binaries): 
     # one LibTorch translation unit for the trainer and the snippet, in the shared CMake build.
     (block,) = [block for block in CPP_BLOCKS if "torch::jit::load" in block]
     assert block.startswith("#include <torch/script.h>\n"), block
-    result = subprocess.run([str(binaries / "dwa_trainer"), "--readme-snippet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(binaries / "dwa_trainer"), "--readme-snippet"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose([float(w) for w in result.stdout.split()], HAND_WORKED, atol=1e-6)

@@ -51,7 +51,7 @@ def test_warm_up_is_exactly_uniform_then_follows_the_reference():
     seen = run(history, EPOCHS)
     expected = epoch_weights(EPOCHS, 2.0)
     assert seen[0].tolist() == [1.0, 1.0, 1.0] and seen[1].tolist() == [1.0, 1.0, 1.0]
-    for got, want in zip(seen, expected):
+    for got, want in zip(seen, expected, strict=True):
         np.testing.assert_allclose(got, want, atol=2e-6)
     assert not np.allclose(seen[2], 1.0, atol=1e-3)  # DWA really kicked in
 
@@ -76,7 +76,7 @@ def test_ready_and_averages_follow_the_epochs():
 def test_plain_average_counts_batches_equally_and_weighted_average_uses_weights():
     plain, weighted, per_row = DWAHistory(), DWAHistory(), DWAHistory()
     batches, sizes = [[1.0, 10.0], [3.0, 30.0]], [1, 3]
-    for losses, size in zip(batches, sizes):
+    for losses, size in zip(batches, sizes, strict=True):
         plain.record(torch.tensor(losses))
         weighted.record(torch.tensor(losses), weight=size)
         per_row.record(torch.tensor(losses).expand(size, 2))  # rows count one each
@@ -258,7 +258,7 @@ def test_resuming_from_a_checkpoint_reproduces_the_weights_exactly(stop_in_epoch
     resumed.load_state_dict(state)
     after = train(resumed, start=stop)
     assert len(before + after) == len(uninterrupted)
-    for got, want in zip(before + after, uninterrupted):
+    for got, want in zip(before + after, uninterrupted, strict=True):
         assert torch.equal(got, want)
 
 
@@ -342,7 +342,18 @@ def test_float16_losses_are_summed_in_float32():
     assert history.averages[-1] == (1.0, 0.5)
 
 
-SYNCING = ["item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__", "__array__", "synchronize"]
+SYNCING = [
+    "item",
+    "tolist",
+    "numpy",
+    "cpu",
+    "__bool__",
+    "__float__",
+    "__int__",
+    "__index__",
+    "__array__",
+    "synchronize",
+]
 
 
 def test_the_per_batch_path_never_synchronises(monkeypatch):
@@ -443,7 +454,9 @@ def test_a_malformed_named_batch_is_rejected_naming_the_tasks_and_records_nothin
 def test_task_names_are_checked_on_load_and_fix_k():
     source = DWAHistory(tasks=("seg", "depth"))
     source.record({"seg": torch.tensor(1.0), "depth": torch.tensor(2.0)})
-    with pytest.raises(ValueError, match=r"task names \['seg', 'depth'\] differ from this history's \['depth', 'seg'\]"):
+    with pytest.raises(
+        ValueError, match=r"task names \['seg', 'depth'\] differ from this history's \['depth', 'seg'\]"
+    ):
         DWAHistory(tasks=("depth", "seg")).load_state_dict(source.state_dict())
     unnamed = DWAHistory()
     unnamed.load_state_dict(source.state_dict())
@@ -483,7 +496,7 @@ def test_the_log_has_one_entry_per_successful_step_equal_to_a_float64_reference(
     assert len(seen) == len(EPOCHS)
     log = history.log
     assert [entry["epoch"] for entry in log] == list(range(len(EPOCHS)))
-    for entry, batches, w in zip(log, EPOCHS, weights):
+    for entry, batches, w in zip(log, EPOCHS, weights, strict=True):
         rows = np.array(batches, dtype=np.float32).astype(np.float64)
         w = np.array(w)
         np.testing.assert_allclose(entry["averages"], (rows * w[:, None]).sum(0) / w.sum(), rtol=1e-6)
@@ -499,7 +512,13 @@ def test_the_log_has_one_entry_per_successful_step_equal_to_a_float64_reference(
     assert history.log == log
     history.reset()
     assert history.log == []
-    assert history.state_dict()["log"] == {"batches": [], "weight": [], "averages": [], "temperature": [], "weights": []}
+    assert history.state_dict()["log"] == {
+        "batches": [],
+        "weight": [],
+        "averages": [],
+        "temperature": [],
+        "weights": [],
+    }
 
 
 def test_the_log_survives_a_checkpoint():
@@ -531,7 +550,14 @@ def test_a_version_2_checkpoint_loads_and_resumes_exactly():
     history = DWAHistory()
     history.load_state_dict(v2)
     assert history.tasks == ("seg", "depth") and history.dtype == torch.float64
-    assert history.log[1] == {"epoch": 1, "averages": [0.75, 1.5], "batches": 3, "weight": 3.0, "temperature": None, "weights": None}
+    assert history.log[1] == {
+        "epoch": 1,
+        "averages": [0.75, 1.5],
+        "batches": 3,
+        "weight": 3.0,
+        "temperature": None,
+        "weights": None,
+    }
     history.record(torch.tensor([1.0, 1.0]))
     history.step()
     assert history.averages == ((0.75, 1.5), (3.0 / 5, 5.0 / 5))  # (2 + 1) / (4 + 1), (4 + 1) / 5

@@ -34,7 +34,9 @@ sys.meta_path.insert(0, NoTorch())
 
 def without_torch(code: str, *args: str) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-c", NO_TORCH + code, *args], capture_output=True, text=True, env=env, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", NO_TORCH + code, *args], capture_output=True, text=True, env=env, cwd=ROOT
+    )
 
 
 def requirements(extra: str | None) -> set[str]:
@@ -90,7 +92,9 @@ def test_dwa_export_without_the_export_extra_is_a_one_line_hint(argv):
     result = without_torch("from dwa_export._cli import main; raise SystemExit(main())", *argv)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
-    assert result.stderr.startswith('dwa-export: error: this needs torch, which is not installed: pip install "dwa-export[export]"')
+    assert result.stderr.startswith(
+        'dwa-export: error: this needs torch, which is not installed: pip install "dwa-export[export]"'
+    )
 
 
 def built(kind: str, tmp_path: Path) -> Path:
@@ -121,7 +125,10 @@ def test_the_wheel_ships_the_kernels_the_header_and_the_licence(tmp_path):
         assert {"dwa_export/include/dwa/history.hpp", "dwa_export/py.typed"} <= names
         assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
         metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
-    assert "License-Expression: BSD-3-Clause" in metadata and "Classifier: Programming Language :: Python :: 3.10" in metadata
+    assert (
+        "License-Expression: BSD-3-Clause" in metadata
+        and "Classifier: Programming Language :: Python :: 3.10" in metadata
+    )
     assert not [name for name in names if name.startswith("tests/") or "__pycache__" in name]
 
 
@@ -129,5 +136,10 @@ def test_the_sdist_holds_everything_the_tests_need(tmp_path):
     with tarfile.open(built("sdist", tmp_path)) as sdist:
         top = sdist.getnames()[0].split("/")[0]
         names = {name.removeprefix(top + "/") for name in sdist.getnames()}
-    needed = tracked("tests", "exported", "dwa_export", ".ci") | {"README.md", "CHANGELOG.md", "LICENSE", "pyproject.toml"}
+    needed = tracked("tests", "exported", "dwa_export", ".ci") | {
+        "README.md",
+        "CHANGELOG.md",
+        "LICENSE",
+        "pyproject.toml",
+    }
     assert not needed - names, sorted(needed - names)[:20]

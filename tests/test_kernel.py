@@ -79,7 +79,9 @@ def test_per_row_temperature(kernel):
     loss_t2 = torch.ones(3, 2)
     temperature = t([[2.0], [0.5], [1.0]])
     out = kernel(loss_t1, loss_t2, temperature)
-    expected = np.stack([dwa_weights(loss_t1[i].numpy(), loss_t2[i].numpy(), temperature[i, 0].item()) for i in range(3)])
+    expected = np.stack(
+        [dwa_weights(loss_t1[i].numpy(), loss_t2[i].numpy(), temperature[i, 0].item()) for i in range(3)]
+    )
     np.testing.assert_allclose(out.numpy(), expected, atol=1e-6)
 
 
@@ -185,7 +187,9 @@ def test_invalid_losses_make_the_row_nan(kernel, loss_t1, loss_t2):
     out = kernel(t([[0.75, 0.86], loss_t1, [0.5, 0.6]]), t([[1.0, 1.0], loss_t2, [1.0, 1.0]]), t(2.0))
     assert torch.isnan(out[1]).all(), out
     assert torch.isfinite(out[[0, 2]]).all()
-    np.testing.assert_allclose(out[[0, 2]].numpy(), dwa_weights([[0.75, 0.86], [0.5, 0.6]], np.ones((2, 2)), 2.0), atol=1e-6)
+    np.testing.assert_allclose(
+        out[[0, 2]].numpy(), dwa_weights([[0.75, 0.86], [0.5, 0.6]], np.ones((2, 2)), 2.0), atol=1e-6
+    )
 
 
 @KERNELS
@@ -202,9 +206,13 @@ def test_a_rate_the_dtype_cannot_hold_makes_the_row_nan_and_a_subnormal_one_does
     info = torch.finfo(dtype)
     ones = torch.ones(2, dtype=dtype)
     # Valid losses (finite, nonzero, same sign) whose rate overflows / underflows to 0.
-    assert torch.isnan(kernel(torch.tensor([info.max / 4, 1.0], dtype=dtype), torch.tensor([0.125, 1.0], dtype=dtype), t(2.0))).all()
+    assert torch.isnan(
+        kernel(torch.tensor([info.max / 4, 1.0], dtype=dtype), torch.tensor([0.125, 1.0], dtype=dtype), t(2.0))
+    ).all()
     tiniest = info.smallest_normal * info.eps  # the smallest subnormal
-    assert torch.isnan(kernel(torch.tensor([tiniest, 1.0], dtype=dtype), torch.tensor([4.0, 1.0], dtype=dtype), t(2.0))).all()
+    assert torch.isnan(
+        kernel(torch.tensor([tiniest, 1.0], dtype=dtype), torch.tensor([4.0, 1.0], dtype=dtype), t(2.0))
+    ).all()
     # A subnormal rate is a rate: weights as for rate 0 vs 1, 2 / (1 + e^(1/2)) and the rest.
     out = kernel(torch.tensor([tiniest * 8, 1.0], dtype=dtype), ones, t(2.0))
     w0 = 2 / (1 + math.exp(0.5))
@@ -245,7 +253,9 @@ def test_output_dtype_follows_loss_t1_even_with_a_float64_per_row_temperature():
 
 
 def test_eager_accepts_a_plain_number_as_temperature():
-    torch.testing.assert_close(EAGER(t([0.75, 0.86]), t([1.0, 1.0]), 2.0), EAGER(t([0.75, 0.86]), t([1.0, 1.0]), t(2.0)))
+    torch.testing.assert_close(
+        EAGER(t([0.75, 0.86]), t([1.0, 1.0]), 2.0), EAGER(t([0.75, 0.86]), t([1.0, 1.0]), t(2.0))
+    )
 
 
 def test_has_no_state():

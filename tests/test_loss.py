@@ -58,7 +58,7 @@ def test_weights_are_computed_once_per_epoch(monkeypatch, num_tasks):
     original = DWAWeights.forward
     monkeypatch.setattr(DWAWeights, "forward", lambda self, *a: calls.append(1) or original(self, *a))
     dwa = DWA(num_tasks=num_tasks)
-    for epoch in range(3):
+    for _epoch in range(3):
         for _ in range(10):
             dwa(torch.rand(3) + 0.5)
         dwa.step()
@@ -177,7 +177,7 @@ def test_reset_returns_to_uniform():
 
 def test_weights_before_any_batch_need_num_tasks():
     with pytest.raises(RuntimeError, match="num_tasks"):
-        DWA().weights
+        _ = DWA().weights
     assert DWA(num_tasks=3).weights.tolist() == [1.0, 1.0, 1.0]
 
 
@@ -186,7 +186,6 @@ def test_half_precision_losses_get_a_half_precision_loss():
     losses = torch.tensor([0.5, 0.25], dtype=torch.float16, requires_grad=True)
     out = dwa(losses)
     assert out.dtype == torch.float16 and out.item() == 0.75
-
 
 
 def test_the_weighted_sum_follows_each_call_s_shape_and_dtype():
@@ -329,19 +328,19 @@ def test_named_losses_give_the_same_losses_and_weights_as_the_tensor():
     for epoch in range(4):
         for _ in range(3):
             losses = torch.rand(3, generator=gen) / (1 + epoch * torch.tensor([0.1, 0.5, 1.0]))
-            by_name = dict(zip(names, losses.unbind()))
+            by_name = dict(zip(names, losses.unbind(), strict=True))
             assert named(by_name).item() == plain(losses).item()
         named.step()
         plain.step()
     assert torch.equal(named.weights, plain.weights)
-    assert named.weights_dict("dwa/") == {f"dwa/{n}": w for n, w in zip(names, plain.weights.tolist())}
+    assert named.weights_dict("dwa/") == {f"dwa/{n}": w for n, w in zip(names, plain.weights.tolist(), strict=True)}
     assert plain.weights_dict() == {f"task_{k}": w for k, w in enumerate(plain.weights.tolist())}
 
 
 def test_the_log_holds_what_each_step_computed_and_survives_a_checkpoint():
     names = ("a", "b", "c")
     dwa = DWA(temperature=0.5, tasks=names)
-    for epoch, batches in enumerate(EPOCHS[:3]):
+    for batches in EPOCHS[:3]:
         for losses in batches:
             dwa(torch.tensor(losses))
         dwa.step()
@@ -458,7 +457,7 @@ def test_training_and_eval_mode_refuse_the_same_losses(losses):
 def test_the_weights_handed_out_do_not_change_afterwards():
     dwa = DWA()
     kept = []
-    for epoch, batches in enumerate(EPOCHS):
+    for batches in EPOCHS:
         for losses in batches:
             dwa(torch.tensor(losses))
         dwa.step()

@@ -1,4 +1,7 @@
-"""A model holding DWA works with the PyTorch machinery: copies, pickles, EMA/SWA, devices, meta init, inference mode."""
+"""A model holding DWA works with the PyTorch machinery.
+
+Copies, pickles, EMA/SWA, devices, meta init, inference mode.
+"""
 
 from __future__ import annotations
 

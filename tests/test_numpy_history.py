@@ -22,7 +22,10 @@ def test_numpy_history_shares_the_rules_of_the_torch_history():
     torch_history.step()
     assert numpy_history.averages == torch_history.averages == ((2.5, 1.25),)
     assert numpy_history.log == torch_history.log
-    for history, losses in ((numpy_history, np.array([0.0, 1.0], np.float32)), (torch_history, torch.tensor([0.0, 1.0]))):
+    for history, losses in (
+        (numpy_history, np.array([0.0, 1.0], np.float32)),
+        (torch_history, torch.tensor([0.0, 1.0])),
+    ):
         history.record(losses)
         with pytest.raises(LossHistoryError, match="task 0 is 0.0") as info:
             history.step()
@@ -121,7 +124,10 @@ def test_a_mid_epoch_torch_state_with_tensor_weights_moves_to_numpy_with_its_wei
     numpy_history = NumpyDWAHistory()
     numpy_history.load_state_dict(json.loads(json.dumps(torch_history.state_dict())))
     assert numpy_history.state_dict()["partial"][2:4] == [2, 5.0]  # batches, weight
-    for history, losses in ((torch_history, torch.tensor([2.0, 2.0])), (numpy_history, np.array([2.0, 2.0], np.float32))):
+    for history, losses in (
+        (torch_history, torch.tensor([2.0, 2.0])),
+        (numpy_history, np.array([2.0, 2.0], np.float32)),
+    ):
         history.record(losses)
         history.step()
     # (0.5 * 2 + 1.5 * 6 + 3 * 1 + 2) / 6 and (0.5 * 4 + 1.5 * 8 + 3 * 1 + 2) / 6
@@ -150,7 +156,11 @@ def test_number_weighted_records_round_alike_in_torch_and_numpy():
         torch_history.record(torch.tensor(losses, dtype=torch.float64), weight)
         numpy_history.record(np.array(losses), weight)
     assert torch_history.state_dict() == numpy_history.state_dict()
-    assert torch_history.state_dict()["partial"][4][1] == 0.43319879426122676 + 0.8442331511654346 * 3.3 == 3.219168193107161
+    assert (
+        torch_history.state_dict()["partial"][4][1]
+        == 0.43319879426122676 + 0.8442331511654346 * 3.3
+        == 3.219168193107161
+    )
 
 
 def test_losses_of_any_float_dtype_are_summed_in_float64():

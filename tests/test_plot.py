@@ -51,8 +51,8 @@ def test_csv_is_the_log(checkpoint, capsys):
     assert header[:4] == ["epoch", "batches", "weight", "temperature"]
     assert header[4:7] == ["average_seg", "average_depth", "average_normal"]
     assert len(body) == len(dwa.log) == 6
-    for row, entry in zip(body, dwa.log):
-        cells = dict(zip(header, row))
+    for row, entry in zip(body, dwa.log, strict=True):
+        cells = dict(zip(header, row, strict=True))
         assert int(cells["epoch"]) == entry["epoch"] and int(cells["batches"]) == entry["batches"] == 4
         assert float(cells["temperature"]) == 1.5
         for name in ("seg", "depth", "normal"):
@@ -72,7 +72,7 @@ def test_a_history_state_gets_weights_at_the_given_temperature(tmp_path, capsys)
     rows = list(csv.DictReader(io.StringIO(capsys.readouterr().out)))
     assert [row["weight_task_0"] for row in rows[:1]] == ["1.0"]  # after one average: uniform
     averages = [np.array(h["averages"]) for h in history.log]
-    for row, i in zip(rows[1:], (1, 2)):
+    for row, i in zip(rows[1:], (1, 2), strict=True):
         expected = dwa_weights(averages[i], averages[i - 1], 0.5)
         np.testing.assert_allclose([float(row["weight_task_0"]), float(row["weight_task_1"])], expected, rtol=1e-12)
 
@@ -166,7 +166,10 @@ def test_a_list_that_contains_itself_is_no_loop(checkpoint, tmp_path, capsys):
     assert len(capsys.readouterr().out.splitlines()) == 1 + len(dwa.log)
     torch.save({"loop": loop}, path)
     assert main(["plot", str(path), "--csv"]) == 2
-    assert capsys.readouterr().err == f"dwa-export plot: error: {path}: no DWA state in it: expected DWA.state_dict() or DWAHistory.state_dict() somewhere inside\n"
+    assert capsys.readouterr().err == (
+        f"dwa-export plot: error: {path}: no DWA state in it: "
+        "expected DWA.state_dict() or DWAHistory.state_dict() somewhere inside\n"
+    )
 
 
 def make_bad_files(tmp_path: Path) -> dict[str, tuple[Path, str]]:

@@ -3,7 +3,8 @@
 The Python blocks run one after another in one namespace, as a reader would run
 them, in a scratch folder holding a copy of exported/ (they write checkpoint.pt).
 The multi-process block runs under torchrun with 2 processes, the C++ block is
-compiled against dwa/history.hpp and run.
+compiled against dwa/history.hpp and run. The Lightning block is an excerpt of
+tests/lightning_example.py, which tests/test_lightning.py trains.
 """
 
 from __future__ import annotations
@@ -25,7 +26,13 @@ ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 TORCHRUN_MARKER = "<!-- torchrun-example -->\n```python\n"
 TORCHRUN_BLOCK = README.split(TORCHRUN_MARKER, 1)[1].split("```", 1)[0]
-PYTHON_BLOCKS = [block for block in re.findall(r"```python\n(.*?)```", README, flags=re.S) if block != TORCHRUN_BLOCK]
+LIGHTNING_MARKER = "<!-- lightning-example -->\n```python\n"
+LIGHTNING_BLOCK = README.split(LIGHTNING_MARKER, 1)[1].split("```", 1)[0]
+PYTHON_BLOCKS = [
+    block
+    for block in re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    if block not in (TORCHRUN_BLOCK, LIGHTNING_BLOCK)
+]
 CPP_BLOCKS = re.findall(r"```cpp\n(.*?)```", README, flags=re.S)
 
 
@@ -66,6 +73,15 @@ def test_the_multi_process_example_runs_under_torchrun(scratch):
     history = state["_extra_state"]["history"]
     assert [entry for entry in history["log"]["batches"]] == [8, 8, 8]  # both ranks' batches, every epoch
     assert history["partial"] is None  # saved at an epoch boundary
+
+
+def test_the_lightning_example_is_the_tested_files_code():
+    # No Lightning needed: each paragraph of the excerpt is, to the character, a whole one of the file's.
+    example = (ROOT / "tests" / "lightning_example.py").read_text()
+    paragraphs = LIGHTNING_BLOCK.strip("\n").split("\n\n")
+    assert len(paragraphs) == 6  # the class line, __init__, training_step and the three hooks
+    for paragraph in paragraphs:
+        assert f"\n\n{paragraph}\n\n" in example, paragraph
 
 
 def test_the_cpp_example_compiles_and_runs(tmp_path):

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from dwa_export import DWAHistory, DWAWeights, LossHistoryError
-from dwa_export.runtime import DWAWeightsSession, NumpyDWAHistory
+from dwa_export import DWAHistory, DWAWeights
+from dwa_export.runtime import DWAWeightsSession
 from reference import dwa_weights, epoch_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,10 @@ BATCHED = ROOT / "exported" / "dwa_weights_batched.onnx"
 def loss_sequence(seed: int = 3, epochs: int = 6, batches: int = 4, k: int = 3) -> list[list[list[float]]]:
     rng = np.random.default_rng(seed)
     return [
-        [(rng.uniform(0.5, 1.5, k) / (1 + e * rng.uniform(0.1, 0.5, k))).astype(np.float32).tolist() for _ in range(batches)]
+        [
+            (rng.uniform(0.5, 1.5, k) / (1 + e * rng.uniform(0.1, 0.5, k))).astype(np.float32).tolist()
+            for _ in range(batches)
+        ]
         for e in range(epochs)
     ]
 
@@ -91,7 +94,9 @@ def test_runs_where_torch_cannot_be_imported_and_matches_the_torch_path():
 
 def test_import_dwa_export_runtime_does_not_import_torch():
     code = "import sys, dwa_export.runtime, dwa_export; print('torch' in sys.modules)"
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT))
+    )
     assert result.stdout.strip() == "False", result.stderr
 
 
@@ -148,7 +153,9 @@ def test_batched_session_validates_per_row_temperature(temperature, match):
     np.testing.assert_allclose(kernel(ones * 0.5, ones, [[2.0], [0.5]]), 1.0)
 
 
-@pytest.mark.parametrize("temperature", [True, False, np.True_, np.array(True), "2.0", "abc", b"2", 2 + 0j, np.complex64(2)])
+@pytest.mark.parametrize(
+    "temperature", [True, False, np.True_, np.array(True), "2.0", "abc", b"2", 2 + 0j, np.complex64(2)]
+)
 def test_session_rejects_temperatures_that_are_not_real_numbers(temperature):
     # The rest of the library rejects bool/str T with TypeError; so does the session, naming the argument.
     with pytest.raises(TypeError, match="temperature must be a real number|temperature must hold real numbers"):
@@ -158,7 +165,10 @@ def test_session_rejects_temperatures_that_are_not_real_numbers(temperature):
 @pytest.mark.parametrize(
     "temperature,match",
     [
-        (1e308, r"temperature 1e\+308 is outside the range of this model's float32: .* between 1.4e-45 and 3.4028235e\+38"),
+        (
+            1e308,
+            r"temperature 1e\+308 is outside the range of this model's float32: .* between 1.4e-45 and 3.4028235e\+38",
+        ),
         (1e-50, r"temperature 1e-50 is outside the range of this model's float32"),
         (np.float64(5e38), r"temperature 5e\+38 is outside"),
     ],
@@ -187,7 +197,11 @@ def test_session_accepts_numbers_of_every_real_kind_as_temperature():
         ([True, False], TypeError, r"loss_t1 must hold real numbers .*got dtype bool"),
         ([1 + 1j, 2], TypeError, r"loss_t1 must hold real numbers .*complex128"),
         ([[1.0, 2.0], [3.0]], ValueError, r"loss_t1 cannot be read as an array"),
-        ([1e39, 1.0], ValueError, r"loss_t1 value 1e\+39 does not fit this model's float32 \(largest finite 3.4028235e\+38\)"),
+        (
+            [1e39, 1.0],
+            ValueError,
+            r"loss_t1 value 1e\+39 does not fit this model's float32 \(largest finite 3.4028235e\+38\)",
+        ),
     ],
 )
 def test_session_names_the_loss_argument_that_is_not_numbers(losses, error, match):
@@ -213,7 +227,10 @@ def make_model(path: Path, elem_type: int = 1, producer: str = "", body: str = "
     from onnx import helper
 
     dims = {0: [], 1: ["K"], 2: ["N", "K"]}
-    inputs = [helper.make_tensor_value_info(n, elem_type, dims[r]) for n, r in zip(("loss_t1", "loss_t2", "temperature"), ranks)]
+    inputs = [
+        helper.make_tensor_value_info(n, elem_type, dims[r])
+        for n, r in zip(("loss_t1", "loss_t2", "temperature"), ranks, strict=True)
+    ]
     output = helper.make_tensor_value_info("weights", elem_type, dims[ranks[0]])
     if body == "Add":
         nodes = [helper.make_node("Add", ["loss_t1", "loss_t2"], ["weights"])]
@@ -258,11 +275,15 @@ def test_session_refuses_a_file_that_differs_from_the_manifest_beside_it(tmp_pat
     model = onnx.load(str(ONNX))
     model.doc_string += " "
     onnx.save(model, str(folder / "dwa_weights.onnx"))
-    with pytest.raises(ValueError, match=r"is not the DWA kernel that .*manifest.json describes: its sha256 is [0-9a-f]{64}"):
+    with pytest.raises(
+        ValueError, match=r"is not the DWA kernel that .*manifest.json describes: its sha256 is [0-9a-f]{64}"
+    ):
         DWAWeightsSession(folder / "dwa_weights.onnx")
     # Without the manifest, the hand-worked example vouches for it.
     (folder / "manifest.json").unlink()
-    np.testing.assert_allclose(DWAWeightsSession(folder / "dwa_weights.onnx")([0.75, 0.86], [1.0, 1.0]), [0.9725069, 1.0274931], atol=1e-6)
+    np.testing.assert_allclose(
+        DWAWeightsSession(folder / "dwa_weights.onnx")([0.75, 0.86], [1.0, 1.0]), [0.9725069, 1.0274931], atol=1e-6
+    )
 
 
 def test_session_opens_the_exported_files_with_or_without_their_manifest(tmp_path):

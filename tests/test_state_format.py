@@ -20,7 +20,6 @@ import math
 import subprocess
 from pathlib import Path
 
-import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -53,7 +52,9 @@ def load_python(cls, text: bytes) -> dict:
 def load_cpp(binaries: Path, texts: list[bytes]) -> list[dict]:
     """The same through dwa::History (or dwa::History64 for a float64 state), in one process."""
     framed = b"".join(f"{len(text)}\n".encode() + text for text in texts)
-    result = subprocess.run([str(binaries / "history_driver"), "loader"], input=framed, capture_output=True, timeout=300)
+    result = subprocess.run(
+        [str(binaries / "history_driver"), "loader"], input=framed, capture_output=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr.decode()[-2000:]  # a crash (e.g. SIGSEGV) fails here
     lines = result.stdout.decode().splitlines()
     assert len(lines) == len(texts)
@@ -85,7 +86,7 @@ def strict(text: bytes) -> bool:
 def assert_agree(texts: list[bytes], binaries: Path) -> list[bool]:
     """The Python histories agree on every text, C++ on every strict one; returns Python's verdicts."""
     accepted = []
-    for text, from_cpp in zip(texts, load_cpp(binaries, texts)):
+    for text, from_cpp in zip(texts, load_cpp(binaries, texts), strict=True):
         torch_result, numpy_result = load_python(DWAHistory, text), load_python(NumpyDWAHistory, text)
         shown = text[:300]
         assert ("ok" in torch_result) == ("ok" in numpy_result), (shown, torch_result, numpy_result)
@@ -107,7 +108,7 @@ def test_the_corpus_covers_every_kind():
 def test_every_corpus_state_gets_the_same_verdict_and_bits_in_all_three(binaries):  # noqa: F811
     texts = [path.read_bytes() for path in CASES]
     cpp = load_cpp(binaries, texts)
-    for path, text, from_cpp in zip(CASES, texts, cpp):
+    for path, text, from_cpp in zip(CASES, texts, cpp, strict=True):
         kind = path.parent.name
         assert strict(text) == (kind != "python_only") or kind == "invalid", path.name
         torch_result, numpy_result = load_python(DWAHistory, text), load_python(NumpyDWAHistory, text)
@@ -195,7 +196,24 @@ def mutated(draw) -> bytes:
             del parent[path[-1]]
         elif action == "extreme":
             parent[path[-1]] = draw(
-                st.sampled_from([0, -0.0, -1, 2**53 + 1, 2**64, 10**30, 1e308, 5e-324, math.inf, -math.inf, math.nan, True, "", None])
+                st.sampled_from(
+                    [
+                        0,
+                        -0.0,
+                        -1,
+                        2**53 + 1,
+                        2**64,
+                        10**30,
+                        1e308,
+                        5e-324,
+                        math.inf,
+                        -math.inf,
+                        math.nan,
+                        True,
+                        "",
+                        None,
+                    ]
+                )
             )
         else:
             parent[path[-1]] = draw(anything)

@@ -59,19 +59,21 @@ def state(base=BASE, **changes) -> dict:
 def partial(**fields) -> list:
     """BASE's running epoch (version 3), changed."""
     names = ("rank", "world_size", "batches", "weight", "sums")
-    values = dict(zip(names, BASE["partial"]), **fields)
+    values = dict(zip(names, BASE["partial"], strict=True), **fields)
     return [values[name] for name in names]
 
 
 def partial_v2(**fields) -> list:
     names = ("rank", "world_size", "dtype", "batches", "weight", "sums")
-    values = dict(zip(names, V2["partial"]), **fields)
+    values = dict(zip(names, V2["partial"], strict=True), **fields)
     return [values[name] for name in names]
 
 
 def log(**columns) -> dict:
     """A one-entry version-3 log, changed."""
-    return dict({"batches": [1], "weight": [1.0], "averages": [[1.0, 2.0]], "temperature": [None], "weights": [None]}, **columns)
+    return dict(
+        {"batches": [1], "weight": [1.0], "averages": [[1.0, 2.0]], "temperature": [None], "weights": [None]}, **columns
+    )
 
 
 def dumps(value) -> bytes:
@@ -85,15 +87,21 @@ VALID: dict[str, bytes] = {
     "ready_mid_epoch_float32": dumps(BASE),
     "ready_at_epoch_boundary": dumps(state(partial=None)),
     "mid_epoch_float64": dumps(state(dtype="float64", partial=partial(sums=[0.1, 1 / 3]))),
-    "float64_at_epoch_boundary": dumps(state(dtype="float64", partial=None, averages=[[0.1, 0.2], [1 / 3, 0.7]], log=EMPTY_LOG)),
+    "float64_at_epoch_boundary": dumps(
+        state(dtype="float64", partial=None, averages=[[0.1, 0.2], [1 / 3, 0.7]], log=EMPTY_LOG)
+    ),
     "float32_sums_of_any_double": dumps(state(partial=partial(sums=[0.1, 1 / 3]))),
     "named_tasks": dumps(state(tasks=["seg", "depth"])),
     "unicode_task_names": dumps(state(tasks=["\u00e9t\u00e9", "\U0001f600"])),
     "escaped_key": dumps(state()).replace(b'"format"', b'"\\u0066ormat"'),
     "duplicate_key_last_wins": dumps(state()).replace(b'"version": 3', b'"version": 4, "version": 3'),
-    "integers_as_floats": dumps(state(averages=[[1, 2], [3, 4]], log=log(weight=[2], averages=[[1, 2]], temperature=[3], weights=[[0, 2]]))),
+    "integers_as_floats": dumps(
+        state(averages=[[1, 2], [3, 4]], log=log(weight=[2], averages=[[1, 2]], temperature=[3], weights=[[0, 2]]))
+    ),
     "minus_zero_integer_in_sums": dumps(state(partial=partial(sums=[0, 1]))).replace(b"[0, 1]", b"[-0, 1]"),
-    "underflow_to_zero_in_sums": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(b"[0.0, 1.0]", b"[1e-400, 1.0]"),
+    "underflow_to_zero_in_sums": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(
+        b"[0.0, 1.0]", b"[1e-400, 1.0]"
+    ),
     "big_integer_in_sums": dumps(state(partial=partial(sums=[10**30, 2**64]))),
     "zero_weight_batch": dumps(state(partial=partial(batches=1, weight=0.0, sums=[0.0, 0.0]))),
     "partial_weight_minus_zero": dumps(state(partial=partial(weight=-0.0))),  # written back as 0.0
@@ -117,9 +125,18 @@ INVALID: dict[str, bytes] = {
     "not_a_dict": b"[1, 2]",
     "format_missing": dumps({k: v for k, v in BASE.items() if k != "format"}),
     "format_wrong": dumps(state(format="dwa_export.other")),
-    "version_1_is_a_clear_error": dumps({"format": "dwa_export.history", "version": 1, "num_tasks": 2,
-                                         "averages": [], "dtype": None, "epoch_sum": None, "epoch_weight": 0.0,
-                                         "epoch_tensor_weight": None}),  # fmt: skip
+    "version_1_is_a_clear_error": dumps(
+        {
+            "format": "dwa_export.history",
+            "version": 1,
+            "num_tasks": 2,
+            "averages": [],
+            "dtype": None,
+            "epoch_sum": None,
+            "epoch_weight": 0.0,
+            "epoch_tensor_weight": None,
+        }
+    ),  # fmt: skip
     "version_4": dumps(state(version=4)),
     "version_missing": dumps({k: v for k, v in BASE.items() if k != "version"}),
     "version_true": dumps(state(version=True)),
@@ -188,8 +205,17 @@ INVALID: dict[str, bytes] = {
     "log_weight_zero": dumps(state(log=log(weight=[0.0]))),
     "log_weight_nan": dumps(state(log=log(weight=[math.nan]))),
     "log_averages_wrong_length": dumps(state(log=log(averages=[[1.0]]))),
-    "log_averages_sign_change": dumps(state(log={"batches": [1, 1], "weight": [1.0, 1.0], "averages": [[1.0, 2.0], [1.0, -2.0]],
-                                                 "temperature": [None, None], "weights": [None, None]})),  # fmt: skip
+    "log_averages_sign_change": dumps(
+        state(
+            log={
+                "batches": [1, 1],
+                "weight": [1.0, 1.0],
+                "averages": [[1.0, 2.0], [1.0, -2.0]],
+                "temperature": [None, None],
+                "weights": [None, None],
+            }
+        )
+    ),  # fmt: skip
     "log_temperature_zero": dumps(state(log=log(temperature=[0.0]))),
     "log_temperature_negative": dumps(state(log=log(temperature=[-2.0]))),
     "log_temperature_infinite": dumps(state(log=log(temperature=[math.inf]))),
@@ -231,7 +257,9 @@ PYTHON_ONLY: dict[str, bytes] = {
     "partial_weight_infinity": dumps(state(partial=partial(weight=math.inf))),
     "partial_sums_infinity": dumps(state(partial=partial(sums=[math.inf, 1.0]))),
     "partial_sums_nan": dumps(state(partial=partial(sums=[-math.inf, math.nan]))),
-    "partial_sums_beyond_the_double_range": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(b"[0.0, 1.0]", b"[1e400, 1.0]"),
+    "partial_sums_beyond_the_double_range": dumps(state(partial=partial(sums=[0.0, 1.0]))).replace(
+        b"[0.0, 1.0]", b"[1e400, 1.0]"
+    ),
     "partial_weight_beyond_the_double_range": dumps(state(partial=partial(weight=3.0))).replace(b"3.0, [", b"1e400, ["),
     "version_2_partial_weight_nan": dumps(state(V2, partial=partial_v2(weight=math.nan))),
 }
