@@ -261,37 +261,6 @@ def test_eval_mode_before_any_training_batch_uses_uniform_weights():
     assert dwa.history.num_tasks is None  # nothing was recorded
 
 
-def test_a_lightning_style_training_and_validation_step_pair():
-    pl = pytest.importorskip("lightning.pytorch")
-
-    class Module(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.net = torch.nn.Linear(4, 2)
-            self.dwa = DWA(num_tasks=2)
-
-        def training_step(self, batch, _):
-            x, y = batch
-            return self.dwa((self.net(x) - y).pow(2).mean(0))
-
-        def validation_step(self, batch, _):
-            x, y = batch
-            self.log("val_loss", self.dwa((self.net(x) - 10 * y).pow(2).mean(0)))
-
-        def on_train_epoch_end(self):
-            self.dwa.step()
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
-    data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.randn(32, 2))
-    loader = torch.utils.data.DataLoader(data, batch_size=8)
-    module = Module()
-    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-    trainer.fit(module, loader, loader)
-    assert [entry["batches"] for entry in module.dwa.log] == [4, 4, 4]  # training batches only
-
-
 # --------------------------------------------------------------------------- input forms
 
 
