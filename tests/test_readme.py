@@ -115,7 +115,9 @@ def test_the_cpp_example_compiles_and_runs(tmp_path):
 def test_ci_runs_the_readme_test_command():
     command = marked_command("test-command")
     assert "pip install torch==2.13.0 && " in command and command.endswith("python -m pytest")
-    assert '".[test,plot]"' in command  # CI installs the plot extra, so the picture test runs there
+    assert '".[test,plot,lint]"' in command  # CI installs the plot extra, so the picture test runs there
+    # Lint and types before the tests: a finding fails CI.
+    assert "&& ruff check && ruff format --check && mypy && python -m pytest" in command
     assert "<!-- test-command -->" in (ROOT / ".ci" / "run").read_text()
 
 
