@@ -1,6 +1,6 @@
 """C++ consumers: dwa/history.hpp against DWAHistory and NumpyDWAHistory, the header's
-build matrix, a LibTorch trainer against the Python path, and the ONNX files through
-ONNX Runtime's C++ API.
+build matrix, its CMake package (README.md's snippet, built outside the repository), a
+LibTorch trainer against the Python path, and the ONNX files through ONNX Runtime's C++ API.
 
 One CMake build directory, outside the source tree, is reused between runs (set
 DWA_CPP_BUILD_DIR to choose it). A cold build takes about half a minute on 2 cores,
@@ -26,6 +26,8 @@ import hashlib
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -104,13 +106,17 @@ def write_snippets(folder: Path) -> None:
     write_if_changed(folder / "readme_onnxruntime.cpp", "\n".join([*lines, "#include <cstdio>", "#include <vector>", "int main() {", *body, printing, "}", ""]))
 
 
-def cmake_build(build: Path, *options: str, targets: tuple[str, ...] = ()) -> Path:
+def cmake_tools() -> None:
     missing = [tool for tool in ("cmake", "c++") if shutil.which(tool) is None]
     if missing:
         unavailable(f"{', '.join(missing)} not found: install cmake and a C++17 compiler (g++) to build the C++ tests")
     nlohmann_header()
+
+
+def cmake_build(build: Path, *options: str, targets: tuple[str, ...] = ()) -> Path:
+    cmake_tools()
     write_snippets(build / "snippets")
-    configure = ["cmake", "-S", str(SOURCE), "-B", str(build), f"-DDWA_INCLUDE_DIR={dwa_export.include_dir()}",
+    configure = ["cmake", "-S", str(SOURCE), "-B", str(build), f"-Ddwa_export_DIR={dwa_export.cmake_dir()}",
                  f"-DDWA_SNIPPET_DIR={build / 'snippets'}", *options]  # fmt: skip
     stamp = build / "dwa_configure.json"  # configure again when the options change
     if not (build / "CMakeCache.txt").exists() or not stamp.is_file() or json.loads(stamp.read_text()) != configure:
@@ -132,6 +138,89 @@ def binaries(request) -> Path:
 
 def test_include_dir_holds_the_one_header():
     assert sorted(p.name for p in HEADER.parent.iterdir()) == ["history.hpp"]
+
+
+# --------------------------------------------------------------------------- the CMake package
+
+README = (ROOT / "README.md").read_text()
+
+
+def cmake_version() -> str:
+    """dwa_export.__version__ as CMake has it: numbers only."""
+    return re.match(r"\d+(\.\d+)*", dwa_export.__version__).group()
+
+
+def configure(project: Path, *command: str) -> str:
+    result = subprocess.run(command, cwd=project, capture_output=True, text=True)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-5000:]
+    return result.stdout + result.stderr
+
+
+def test_the_readme_cmake_snippet_builds_with_the_header_cxx17_and_nlohmann_json(tmp_path):
+    # README.md's CMake snippet and configure command, in a project outside the repository, building
+    # README.md's C++ example. CMAKE_CXX_FLAGS asks for C++14: C++17 can only come from dwa_export::history.
+    cmake_tools()
+    (cmake_block,) = re.findall(r"```cmake\n(.*?)```", README, flags=re.S)
+    lines = ["cmake_minimum_required(VERSION 3.14)", "project(consumer CXX)", cmake_block]
+    (tmp_path / "CMakeLists.txt").write_text("\n".join([*lines, 'message(STATUS "version ${dwa_export_VERSION}")']))
+    (cpp_block,) = re.findall(r"```cpp\n(.*?)```", README, flags=re.S)  # tests/test_readme.py runs it too
+    includes = [line for line in cpp_block.splitlines() if line.startswith("#include")]
+    body = [line for line in cpp_block.splitlines() if not line.startswith("#include")]
+    printing = 'std::printf("%ld %zu %g\\n", static_cast<long>(__cplusplus), loss_t1.size(), loss_t1[0]);'
+    source = [*includes, "#include <cstdio>", "int main() {", *body, printing, "}"]
+    (tmp_path / "train.cpp").write_text("\n".join(source))
+    command = re.search(r"Configure with `(cmake -S \. -B build -Ddwa_export_DIR=.+?)`", README).group(1)
+    command = command.replace("python -c", f"{shlex.quote(sys.executable)} -c")  # this Python's dwa_export
+    configured = configure(tmp_path, "bash", "-c", f"{command} -DCMAKE_CXX_FLAGS=-std=c++14")
+    assert f"version {cmake_version()}" in configured  # read from dwa_export/__init__.py
+    configure(tmp_path, "cmake", "--build", "build")
+    standard, tasks, first_input = subprocess.check_output([str(tmp_path / "build" / "train")], text=True).split()
+    assert int(standard) >= 201703  # though the project asked for C++14
+    assert (tasks, first_input) == ("2", "1")  # warm-up: ones
+
+
+def this_release_probes() -> dict[str, bool]:
+    """find_package(dwa_export <request> CONFIG) requests and whether this release serves them."""
+    major, minor = (int(part) for part in cmake_version().split(".")[:2])
+    series, following = (f"0.{minor}", f"0.{minor + 1}") if major == 0 else (f"{major}", f"{major + 1}")
+    return {series: True, f"{cmake_version()} EXACT": True, following: False}
+
+
+# The version file's rules, for other releases too (a copy of it beside an __init__.py of that version):
+# a release serves its own series (major.minor while the major is 0, then the major), never a newer version.
+OTHER_RELEASE_PROBES = {
+    "0.1.3": {"0.1": True, "0.1.2": True, "0.1.3 EXACT": True, "0.1.2 EXACT": False, "0.1.4": False,
+              "0.2": False, "0": False, "0.1...<0.2": True, "0.1...<0.3": True, "0.1...0.1.3": True,
+              "0.1...<0.1.3": False},
+    "1.2.3": {"1": True, "1.1": True, "1.2.4": False, "2": False, "0.1": False, "1.0...<2": True,
+              "1.0...<1.2": False},
+}  # fmt: skip
+
+# Each probe sets dwa_export_DIR first, as a find_package() that fails forgets it.
+PROBE = """set(dwa_export_DIR "{folder}" CACHE PATH "" FORCE)
+find_package(dwa_export {request} CONFIG {quiet})
+message(STATUS "probe {release} {request}: ${{dwa_export_FOUND}}")"""
+
+
+def test_the_cmake_package_serves_its_own_series_and_says_why_not_another(tmp_path):
+    cmake_tools()
+    probes = {("this", request): (dwa_export.cmake_dir(), ok) for request, ok in this_release_probes().items()}
+    for version, requests in OTHER_RELEASE_PROBES.items():
+        folder = tmp_path / version / "cmake"
+        folder.mkdir(parents=True)
+        shutil.copy(Path(dwa_export.cmake_dir()) / "dwa_exportConfigVersion.cmake", folder)
+        (folder / "dwa_exportConfig.cmake").write_text("")  # only the version file is under test
+        (folder.parent / "__init__.py").write_text(f'"""A release."""\n\n__version__ = "{version}"\n')
+        probes.update({(version, request): (str(folder), ok) for request, ok in requests.items()})
+    lines = ["cmake_minimum_required(VERSION 3.19)", "project(probes NONE)"]  # 3.19: version ranges; NONE: no compiler
+    lines += [PROBE.format(folder=f, request=r, release=v, quiet="QUIET") for (v, r), (f, _) in probes.items()]
+    lines.append(PROBE.format(folder=dwa_export.cmake_dir(), request="99", release="this", quiet=""))  # says why not
+    (tmp_path / "CMakeLists.txt").write_text("\n".join(lines))
+    configured = configure(tmp_path, "cmake", "-S", ".", "-B", "build")
+    served = {f"{release} {request}": str(int(ok)) for (release, request), (_, ok) in probes.items()}
+    assert dict(re.findall(r"-- probe (.+): (\d)", configured)) == {**served, "this 99": "0"}
+    assert 'compatible with requested version "99"' in configured
+    assert f"dwa_exportConfig.cmake, version: {cmake_version()}" in configured
 
 
 # --------------------------------------------------------------------------- the header vs Python
