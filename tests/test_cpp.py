@@ -84,7 +84,9 @@ def snippet(heading: str) -> tuple[list[str], list[str]]:
     """(#include lines, other lines) of exported/README.md's C++ block under ``heading``."""
     block = EXPORTED_README.read_text().split(heading, 1)[1].split("```cpp\n", 1)[1].split("```", 1)[0]
     lines = block.splitlines()
-    return [line for line in lines if line.startswith("#include")], [line for line in lines if not line.startswith("#include")]
+    return [line for line in lines if line.startswith("#include")], [
+        line for line in lines if not line.startswith("#include")
+    ]
 
 
 def write_if_changed(path: Path, text: str) -> None:
@@ -99,11 +101,17 @@ def write_snippets(folder: Path) -> None:
     includes, body = snippet("### LibTorch, C++")
     printing = 'for (int64_t i = 0; i < weights.numel(); ++i) std::printf("%.9g\\n", weights[i].item<float>());'
     lines = ["// exported/README.md's LibTorch snippet (written by tests/test_cpp.py)", *includes, "#include <cstdio>"]
-    write_if_changed(folder / "readme_libtorch.inc", "\n".join([*lines, "inline void readme_libtorch_snippet() {", *body, printing, "}", ""]))
+    write_if_changed(
+        folder / "readme_libtorch.inc",
+        "\n".join([*lines, "inline void readme_libtorch_snippet() {", *body, printing, "}", ""]),
+    )
     includes, body = snippet("### ONNX Runtime, C++")
     printing = 'for (int64_t i = 0; i < k; ++i) std::printf("%.9g\\n", static_cast<double>(weights[i]));'
     lines = ["// exported/README.md's ONNX Runtime snippet (written by tests/test_cpp.py)", *includes]
-    write_if_changed(folder / "readme_onnxruntime.cpp", "\n".join([*lines, "#include <cstdio>", "#include <vector>", "int main() {", *body, printing, "}", ""]))
+    write_if_changed(
+        folder / "readme_onnxruntime.cpp",
+        "\n".join([*lines, "#include <cstdio>", "#include <vector>", "int main() {", *body, printing, "}", ""]),
+    )
 
 
 def cmake_tools() -> None:
@@ -252,6 +260,7 @@ def parse_command(line: str) -> tuple[str, list[float], list[float], int, float 
 
 def inputs_as_written(inputs) -> list[list]:
     """inputs() as history_driver writes them: float64 values, "inf", "-inf" or "nan" for the others."""
+
     def number(value: float):
         return value if math.isfinite(value) else "nan" if math.isnan(value) else "inf" if value > 0 else "-inf"
 
@@ -323,7 +332,7 @@ def non_finite(value) -> bool:
 def assert_same(script: list[str], cpp: list[dict], python: list[dict]) -> None:
     """The same results, error kinds and LossHistoryError tasks; messages may differ."""
     assert len(cpp) == len(python) == len(script)
-    for line, got, want in zip(script, cpp, python):
+    for line, got, want in zip(script, cpp, python, strict=True):
         if got.get("error") == "DomainError":  # a state strict JSON cannot hold, which Python's json writes
             assert line == "state" and "ok" in want and non_finite(want["ok"]["partial"]), (line, got, want)
             continue
@@ -436,7 +445,7 @@ SCRIPT = [
     "load " + state(log={"batches": [], "weight": [], "averages": []}),  # a version-2 log
     "load " + state(extra=1),
     "load [1, 2]",
-    "load {\"format\": \"dwa_export.history\", \"version\": 2, \"version\": 1}",
+    'load {"format": "dwa_export.history", "version": 2, "version": 1}',
     "state",  # unchanged by the rejected loads
     "load " + state(tasks=["seg", "depth"]),  # a history without names takes a state's names
     "load " + state(tasks=["x", "y"]),  # and another state's
@@ -608,7 +617,9 @@ def onnxruntime_build() -> Path:
     headers from npm, libonnxruntime.so.1 from the onnxruntime wheel."""
     include = onnxruntime_headers(onnxruntime_cache())
     runtime_api = int(ort.__version__.split(".")[1])  # ONNX Runtime 1.N serves C API versions up to N
-    assert header_api_version(include) <= runtime_api, f"headers in {include} are newer than onnxruntime {ort.__version__}"
+    assert header_api_version(include) <= runtime_api, (
+        f"headers in {include} are newer than onnxruntime {ort.__version__}"
+    )
     (library,) = (Path(ort.__file__).parent / "capi").glob("libonnxruntime.so.1.*")
     lib = onnxruntime_cache() / "lib"
     lib.mkdir(parents=True, exist_ok=True)
@@ -636,7 +647,9 @@ def encode(*arrays: np.ndarray) -> str:
 
 def run_ort_weights(build: Path, model: Path, cases: list[tuple[np.ndarray, ...]]) -> list[dict]:
     stdin = "\n".join(encode(*case) for case in cases) + "\n"
-    result = subprocess.run([str(build / "ort_weights"), str(model)], input=stdin, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [str(build / "ort_weights"), str(model)], input=stdin, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     header, *lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert header == {"onnxruntime": ort.__version__}  # the wheel's library, not some other one
@@ -654,7 +667,7 @@ def test_onnxruntime_cpp_api_matches_python_and_the_reference(onnxruntime_build,
         temperature = case.temperature.reshape(1, 1) if batched and case.temperature.ndim == 0 else case.temperature
         inputs.append((case.loss_t1, case.loss_t2, temperature))
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    for case, (l1, l2, t), got in zip(cases, inputs, run_ort_weights(onnxruntime_build, path, inputs)):
+    for case, (l1, l2, t), got in zip(cases, inputs, run_ort_weights(onnxruntime_build, path, inputs), strict=True):
         assert "weights" in got, (case, got)
         weights = np.array(got["weights"], dtype=np.float32).reshape(got["shape"])  # 9 digits: exact
         conformance.assert_conforms(case, weights)
@@ -675,7 +688,9 @@ def test_onnxruntime_cpp_api_rejects_mismatched_shapes(onnxruntime_build):
 
 def test_the_exported_readme_cpp_snippet_compiles_and_runs(onnxruntime_build):
     # The exact snippet users copy from exported/README.md, wrapped in main() (write_snippets).
-    result = subprocess.run([str(onnxruntime_build / "ort_snippet")], cwd=ROOT, capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [str(onnxruntime_build / "ort_snippet")], cwd=ROOT, capture_output=True, text=True, check=True
+    )
     weights = [float(w) for w in result.stdout.split()]  # run from the root, as exported/README.md says
     np.testing.assert_allclose(weights, dwa_weights(np.array([0.75, 0.86]), np.array([1.0, 1.0]), 2.0), atol=1e-6)
     np.testing.assert_allclose(weights, [0.9725, 1.0275], atol=5e-5)  # issue 2's hand-worked numbers
@@ -705,7 +720,18 @@ def libcxx_available() -> bool:
 def matrix_command(compiler: str, library: str, standard: str, optimisation: str) -> list[str]:
     stdlib = ["-stdlib=libc++"] if library == "libc++" else []
     source = SOURCE / "build_matrix.cpp"
-    return [compiler, f"-std={standard}", optimisation, *stdlib, *WARNINGS, f"-I{dwa_export.include_dir()}", "-c", str(source), "-o", os.devnull]
+    return [
+        compiler,
+        f"-std={standard}",
+        optimisation,
+        *stdlib,
+        *WARNINGS,
+        f"-I{dwa_export.include_dir()}",
+        "-c",
+        str(source),
+        "-o",
+        os.devnull,
+    ]
 
 
 def matrix_key(command: list[str]) -> str:
