@@ -21,6 +21,7 @@ _LAZY = {
     "DWAHistory": "._history",
     "DWA": "._loss",
     "LossHistoryError": "._epochs",
+    "NonFiniteLossWarning": "._epochs",
     "PartialEpochWarning": "._distributed",
     "RankMismatchError": "._distributed",
 }
@@ -30,6 +31,7 @@ __all__ = [
     "DWAHistory",
     "DWAWeights",
     "LossHistoryError",
+    "NonFiniteLossWarning",
     "PartialEpochWarning",
     "RankMismatchError",
     "__version__",
@@ -42,7 +44,7 @@ _HERE = Path(__file__).resolve().parent
 
 if TYPE_CHECKING:
     from ._distributed import PartialEpochWarning, RankMismatchError
-    from ._epochs import LossHistoryError
+    from ._epochs import LossHistoryError, NonFiniteLossWarning
     from ._history import DWAHistory
     from ._kernel import DWAWeights
     from ._loss import DWA

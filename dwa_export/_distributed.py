@@ -18,6 +18,7 @@ from dataclasses import astuple, dataclass, fields
 import torch
 import torch.distributed as dist
 
+from ._epochs import NAN_STRATEGIES, Totals
 from ._state import RunningEpoch, Share, resolve_partial
 
 __all__ = ["GroupEpoch", "GroupSync", "LocalEpoch", "Operation", "PartialEpochWarning", "RankMismatchError"]
@@ -57,8 +58,11 @@ class Header:
     epochs: int  # epochs closed so far
     temperature: float  # the temperature given to step(), 0.0 without
     allow_empty_ranks: int
+    nan_strategy: int  # its NAN_STRATEGIES index
     batches: int  # recorded this epoch
-    weight: float  # their weight sum
+    rows: int  # the rows of K losses in them
+    nonfinite_rows: int  # rows left out for a NaN or infinity
+    weight: float  # the weight sum of the rows kept
     share: int  # a Share: where this rank's part of a resumed epoch is
 
     def row(self) -> list[float]:
@@ -76,9 +80,7 @@ class GroupEpoch:
 
     num_tasks: int | None
     dtype: str
-    batches: int
-    weight: float
-    sums: tuple[float, ...]
+    totals: Totals
     missing: tuple[int, ...]  # ranks whose batches before a checkpoint were lost with it
 
 
@@ -90,9 +92,8 @@ class LocalEpoch:
     tasks: tuple[str, ...] | None
     dtype: str
     epochs: int
-    batches: int
-    weight: float
-    sums: torch.Tensor | None
+    nan_strategy: str
+    totals: Totals
 
 
 class GroupSync:
@@ -127,8 +128,8 @@ class GroupSync:
     def epoch(self, operation: Operation, local: LocalEpoch, temperature: float | None = None) -> GroupEpoch:
         """The group's running epoch: a collective when other ranks are live, else this rank's own."""
         if not self.live():
-            sums = () if local.sums is None or local.batches == 0 else tuple(local.sums.tolist())
-            return GroupEpoch(local.num_tasks, local.dtype, local.batches, local.weight, sums, ())
+            return GroupEpoch(local.num_tasks, local.dtype, local.totals, ())
+        totals = local.totals
         header = Header(
             operation=operation,
             num_tasks=local.num_tasks or 0,
@@ -137,31 +138,34 @@ class GroupSync:
             epochs=local.epochs,
             temperature=temperature or 0.0,
             allow_empty_ranks=int(self.allow_empty_ranks),
-            batches=local.batches,
-            weight=local.weight,
+            nan_strategy=NAN_STRATEGIES.index(local.nan_strategy),
+            batches=totals.batches,
+            rows=totals.rows,
+            nonfinite_rows=totals.nonfinite_rows,
+            weight=totals.weight,
             share=self.share.value,
         )
-        return _exchange(header, local.sums, *self.process, self.process_group)
+        return _exchange(header, totals.sums, *self.process, self.process_group)
 
     def consolidate(self, local: LocalEpoch) -> GroupEpoch | None:
         """Gather the group's running epoch for :meth:`partial` (a collective); ``None`` without other ranks."""
         if not self.live():
             return None
         epoch = self.epoch(Operation.CONSOLIDATE, local)
-        group = RunningEpoch(None, self.process[1], epoch.batches, epoch.weight, epoch.sums)
-        self.consolidated = (local.batches, group) if epoch.batches else None
+        group = RunningEpoch(None, self.process[1], epoch.totals)
+        self.consolidated = (local.totals.batches, group) if epoch.totals.batches else None
         return epoch
 
-    def partial(self, batches: int, weight: float, sums: tuple[float, ...]) -> RunningEpoch | None:
+    def partial(self, totals: Totals) -> RunningEpoch | None:
         """The running epoch a checkpoint of this rank holds: the group's after :meth:`consolidate`, if this
         rank recorded nothing since, else its own part."""
         self.live()
-        if self.consolidated is not None and self.consolidated[0] == batches:
+        if self.consolidated is not None and self.consolidated[0] == totals.batches:
             return self.consolidated[1]
-        if batches == 0:
+        if totals.batches == 0:
             return None
         rank, world_size = self.process
-        return RunningEpoch(None if world_size == 1 else rank, world_size, batches, weight, sums)
+        return RunningEpoch(None if world_size == 1 else rank, world_size, totals)
 
     def resolve(self, partial: RunningEpoch | None) -> tuple[RunningEpoch | None, Share]:
         """What this rank takes of a checkpoint's running epoch (see ``resolve_partial``); changes nothing."""
@@ -179,7 +183,7 @@ def names_code(tasks: Sequence[str] | None) -> int:
 
 
 def _exchange(
-    header: Header, sums: torch.Tensor | None, rank: int, world_size: int, process_group: dist.ProcessGroup | None
+    header: Header, sums: tuple[float, ...], rank: int, world_size: int, process_group: dist.ProcessGroup | None
 ) -> GroupEpoch:
     """Every rank's header, checked for agreement, then the summed loss sums."""
     device = _collective_device(process_group)
@@ -190,18 +194,18 @@ def _exchange(
     num_tasks, dtype = agree(headers)
     total: tuple[float, ...] = ()
     if num_tasks is not None:  # known to every rank now, so every rank sends K sums
-        payload = torch.zeros(num_tasks, dtype=torch.float64, device=device)
-        if sums is not None:
-            payload.copy_(sums)
+        payload = torch.tensor(sums or (0.0,) * num_tasks, dtype=torch.float64, device=device)
         dist.all_reduce(payload, group=process_group)
         total = tuple(payload.tolist())
-    return GroupEpoch(
-        num_tasks,
-        dtype,
+    totals = Totals(
         sum(h.batches for h in headers),
+        sum(h.rows for h in headers),
+        sum(h.nonfinite_rows for h in headers),
         math.fsum(h.weight for h in headers),  # correctly rounded: the same on every rank
-        total,
-        tuple(r for r, h in enumerate(headers) if h.share == Share.MISSING.value),
+        total if any(h.batches for h in headers) else (),
+    )
+    return GroupEpoch(
+        num_tasks, dtype, totals, tuple(r for r, h in enumerate(headers) if h.share == Share.MISSING.value)
     )
 
 
@@ -250,6 +254,7 @@ def agree(headers: list[Header]) -> tuple[int | None, str]:
          "they resumed from different checkpoints, or a history was reset() on some ranks only")  # fmt: skip
     same([h.temperature or None for h in headers], "the temperature", "give DWA the same temperature on every rank")
     same([bool(h.allow_empty_ranks) for h in headers], "allow_empty_ranks", "create the histories alike on every rank")
+    same([NAN_STRATEGIES[h.nan_strategy] for h in headers], "nan_strategy", "create the histories alike on every rank")
     same(
         [DTYPES[h.dtype - 1] for h in headers],
         "the precision of the recorded losses",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -17,9 +18,24 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from ._state import HistoryState
 
-__all__ = ["EpochHistory", "LogEntry", "LossHistoryError", "check_batch_weight", "check_temperature"]
+__all__ = [
+    "NAN_STRATEGIES",
+    "EpochHistory",
+    "LogEntry",
+    "LossHistoryError",
+    "NonFiniteLossWarning",
+    "Totals",
+    "check_batch_weight",
+    "check_nan_strategy",
+    "check_temperature",
+]
 
 MAX_TASKS = 1 << 20
+#: What a row of K losses with a NaN or infinity does (torchmetrics' names): "error" makes
+#: step() raise; "warn" and "ignore" leave the row out of the epoch, "warn" saying so at step().
+NAN_STRATEGIES = ("error", "warn", "ignore")
+FLOAT32_MAX = 3.4028234663852886e38
+FLOAT64_MAX = 1.7976931348623157e308
 _REMEDY = "Nothing was changed: call discard_epoch() to drop this epoch's batches, or reset() to restart the warm-up."
 
 
@@ -41,6 +57,21 @@ class LossHistoryError(ValueError):
         self.previous = None if previous is None else tuple(previous)
 
 
+class NonFiniteLossWarning(UserWarning):
+    """``step()`` left rows with a NaN or infinite loss out of the epoch (``nan_strategy="warn"``)."""
+
+
+@dataclass(frozen=True)
+class Totals:
+    """What the batches recorded in an epoch (or one rank's part of it) add up to."""
+
+    batches: int = 0  # record() calls
+    rows: int = 0  # the rows of K losses they held
+    nonfinite_rows: int = 0  # rows left out for a NaN or infinite loss (nan_strategy "warn" or "ignore")
+    weight: float = 0.0  # the weight sum of the rows kept
+    sums: tuple[float, ...] = ()  # their weighted loss sums, one per task (empty without batches)
+
+
 def _is_real(value: object) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
@@ -58,6 +89,16 @@ def check_temperature(temperature: object) -> float:
             "T <= 0 inverts or breaks the weights and T = inf makes them uniform"
         )
     return value
+
+
+def check_nan_strategy(nan_strategy: object) -> str:
+    if nan_strategy not in NAN_STRATEGIES or not isinstance(nan_strategy, str):
+        raise ValueError(
+            f"nan_strategy must be one of {', '.join(map(repr, NAN_STRATEGIES))}, got {_short(nan_strategy)}: "
+            '"error" makes step() raise on an epoch with a NaN or infinite loss, "warn" and "ignore" leave '
+            'each row of K losses holding one out of the epoch average ("warn" says how many at step())'
+        )
+    return nan_strategy
 
 
 def check_num_tasks(num_tasks: object) -> int | None:
@@ -131,16 +172,19 @@ def _listed(values: Sequence[float]) -> str:
     return "[" + ", ".join(f"{v:.6g}" for v in values) + "]"
 
 
-def check_epoch_average(average: Sequence[float], previous: Sequence[float] | None) -> None:
+def check_epoch_average(
+    average: Sequence[float], previous: Sequence[float] | None, nonfinite: str = "a NaN or infinite loss was recorded"
+) -> None:
     """Raise :class:`LossHistoryError` unless ``average`` can follow ``previous`` in the history.
 
     DWA divides each task's average by the previous epoch's, so every average must
     be finite and non-zero and keep the sign it had the epoch before (a negative
-    rate means nothing as a rate of decrease).
+    rate means nothing as a rate of decrease). ``nonfinite`` says how a NaN or
+    infinite average came about.
     """
     for task, value in enumerate(average):
         if not math.isfinite(value):
-            problem = f"is {value!r}: a NaN or infinite loss was recorded this epoch"
+            problem = f"is {value!r}: {nonfinite}"
         elif value == 0.0:
             problem = (
                 "is 0.0: DWA divides by it to get next epoch's rate L(t-1)/L(t-2); "
@@ -169,12 +213,28 @@ def check_epoch_weight(weight: float, sums: Sequence[float], previous: Sequence[
         )
 
 
+def _nonfinite_cause(nan_strategy: str, largest_loss: float, largest_sum: float, weight: float) -> str:
+    """How an epoch average came to be NaN or infinite, for the message of step()'s error."""
+    # |sum| <= weight * the largest finite loss: beyond the sums' range only then.
+    overflow = f"the running sum overflowed (losses up to {largest_loss:.3g} in sums up to {largest_sum:.3g})"
+    if nan_strategy != "error":  # the rows with a NaN or infinite loss were left out
+        return f"{overflow}; scale that task's loss down"
+    cause = "a NaN or infinite loss was recorded this epoch"
+    if weight * largest_loss > largest_sum:
+        cause += f", or {overflow}"
+    return (
+        f'{cause}. nan_strategy="warn" (or "ignore") leaves each row of K losses with a NaN or infinity '
+        "out of the epoch, e.g. a batch that overflowed under mixed precision"
+    )
+
+
 @dataclass(frozen=True)
 class LogEntry:
     """One closed epoch: its batch count, weight sum and averages, and the weights computed from them.
 
     ``temperature`` and ``weights`` (those of the next epoch) are set by
     ``log_weights()``, which :class:`dwa_export.DWA` calls after each ``step()``.
+    ``nonfinite_rows`` counts the rows of K losses left out for a NaN or infinity.
     """
 
     batches: int
@@ -182,6 +242,7 @@ class LogEntry:
     averages: tuple[float, ...]
     temperature: float | None = None
     weights: tuple[float, ...] | None = None
+    nonfinite_rows: int = 0
 
 
 class EpochHistory:
@@ -226,20 +287,47 @@ class EpochHistory:
             )
         return [losses[name] for name in self.tasks]
 
-    def close(self, batches: int, weight: float, sums: Sequence[float], temperature: float | None = None) -> None:
+    def close(
+        self,
+        totals: Totals,
+        temperature: float | None = None,
+        nan_strategy: str = "error",
+        largest_loss: float = FLOAT32_MAX,
+        largest_sum: float = FLOAT64_MAX,
+    ) -> None:
         """Average an epoch's sums, check the average, roll the history and log it.
 
-        Only zero-weight batches (``weight == 0``) leave no entry. Raises
-        :class:`LossHistoryError`, changing nothing, on an invalid weight or average.
+        Zero-weight rows alone (``weight == 0``) leave no entry; if rows were left
+        out for a NaN or infinity and none is left, that is an error. Raises
+        :class:`LossHistoryError`, changing nothing, on an invalid weight or average;
+        warns (:class:`NonFiniteLossWarning`) under ``nan_strategy="warn"`` when
+        rows were left out. ``largest_loss``, ``largest_sum``: the largest finite
+        values of the recorded losses' and of the sums' dtypes (can the sum overflow?).
         """
         previous = self.averages[-1] if self.averages else None
+        weight, sums, left_out = totals.weight, totals.sums, totals.nonfinite_rows
         check_epoch_weight(weight, sums, previous)
+        if weight == 0.0 and left_out:
+            raise LossHistoryError(
+                f"every row of this epoch's losses that had a weight held a NaN or infinite loss ({left_out} of "
+                f"{totals.rows} rows; the others had weight 0), so there is no epoch average. {_REMEDY}",
+                None,
+                sums,
+                previous,
+            )
         if weight == 0.0:
             return
         average = tuple(s / weight for s in sums)
-        check_epoch_average(average, previous)
+        check_epoch_average(average, previous, _nonfinite_cause(nan_strategy, largest_loss, largest_sum, weight))
         self.averages = (*self.averages, average)[-2:]
-        self.log.append(LogEntry(batches, weight, average, temperature))
+        self.log.append(LogEntry(totals.batches, weight, average, temperature, nonfinite_rows=left_out))
+        if left_out and nan_strategy == "warn":
+            warnings.warn(
+                f"{left_out} of this epoch's {totals.rows} rows of K losses held a NaN or infinite loss and were "
+                'left out of its average (nan_strategy="warn"; "ignore" leaves them out without this warning)',
+                NonFiniteLossWarning,
+                stacklevel=3,
+            )
 
     @property
     def ready(self) -> bool:
@@ -304,6 +392,7 @@ class EpochHistory:
                 "weight": entry.weight,
                 "temperature": entry.temperature,
                 "weights": None if entry.weights is None else list(entry.weights),
+                "nonfinite_rows": entry.nonfinite_rows,
             }
             for epoch, entry in enumerate(self.log)
         ]

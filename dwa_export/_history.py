@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._distributed import GroupEpoch, GroupSync, LocalEpoch, Operation, PartialEpochWarning, partial_epoch_message
-from ._epochs import EpochHistory, check_batch_weight, check_temperature
+from ._epochs import EpochHistory, check_batch_weight, check_nan_strategy, check_temperature
 from ._running import RunningSums
 from ._state import HistoryState
 
@@ -47,7 +47,17 @@ class DWAHistory:
     caller's graph: the running sums are float64 tensors (float32 on MPS, which
     has no float64) updated in place, at fixed addresses once K is known, as
     CUDA graphs need. Invalid per-row weights (negative, NaN) cannot raise there;
-    they make the epoch's weight NaN and :meth:`step` raises. The state follows
+    they make the epoch's weight NaN and :meth:`step` raises.
+
+    **NaN and infinite losses** (e.g. a batch that overflowed under mixed
+    precision, which ``GradScaler`` skips): with ``nan_strategy="error"`` (the
+    default) :meth:`step` raises :class:`LossHistoryError`; with ``"warn"`` or
+    ``"ignore"`` each row of K losses holding one is left out of the epoch (all
+    its tasks, its weight too), found on the device without a sync, and
+    :meth:`step` says how many (``"warn"``: a :class:`NonFiniteLossWarning`). A
+    row of weight 0 is left out under every strategy, whatever its losses: a mask.
+
+    The state follows
     the device of the losses it records (or :meth:`to`). :meth:`inputs` are
     float32, or float64 once float64 losses were recorded.
 
@@ -70,6 +80,8 @@ class DWAHistory:
         process_group: the group to sum over (default: the world).
         allow_empty_ranks: accept an epoch in which some ranks recorded no batch
             (data that really is that uneven); by default that is an error.
+        nan_strategy: ``"error"``, ``"warn"`` or ``"ignore"``: what a NaN or
+            infinite loss does (see above); the names are torchmetrics'.
 
     Example:
         >>> import torch
@@ -92,9 +104,11 @@ class DWAHistory:
         distributed: bool = True,
         process_group: dist.ProcessGroup | None = None,
         allow_empty_ranks: bool = False,
+        nan_strategy: str = "error",
     ) -> None:
+        self._nan_strategy = check_nan_strategy(nan_strategy)
         self._epochs = EpochHistory(num_tasks, tasks)
-        self._running = RunningSums(self._epochs.num_tasks)
+        self._running = RunningSums(self._epochs.num_tasks, skip_nonfinite=nan_strategy != "error")
         self._sync = GroupSync(distributed, process_group, allow_empty_ranks)
         self._dtype = torch.float32  # of inputs(); float64 once float64 losses were recorded
 
@@ -149,13 +163,19 @@ class DWAHistory:
         return self._sync.allow_empty_ranks
 
     @property
+    def nan_strategy(self) -> str:
+        """What a NaN or infinite loss does: ``"error"``, ``"warn"`` or ``"ignore"``."""
+        return self._nan_strategy
+
+    @property
     def log(self) -> list[dict[str, Any]]:
         """One JSON-friendly dict per successful :meth:`step`.
 
         ``epoch``, ``averages``, ``batches`` (``record()`` calls, of all ranks under
-        ``torch.distributed``), ``weight`` (their weight sum), and ``temperature`` and
-        ``weights`` (``None`` unless :meth:`log_weights` was called, as ``DWA`` does).
-        Saved in :meth:`state_dict`; :meth:`reset` clears it.
+        ``torch.distributed``), ``weight`` (the weight sum of the rows kept),
+        ``temperature`` and ``weights`` (``None`` unless :meth:`log_weights` was
+        called, as ``DWA`` does), and ``nonfinite_rows`` (the rows left out for a
+        NaN or infinite loss). Saved in :meth:`state_dict`; :meth:`reset` clears it.
         """
         return self._epochs.entries()
 
@@ -241,9 +261,11 @@ class DWAHistory:
 
         ``L(t-2) <- L(t-1) <- this epoch's average``, and one entry is added to
         :attr:`log`. A no-op when nothing was recorded (on any rank); only
-        zero-weight batches are dropped without an entry. Raises
+        zero-weight rows are dropped without an entry. Raises
         :class:`LossHistoryError`, changing nothing, when the average is
-        non-finite, zero or changed sign, or the weights are invalid; under
+        non-finite, zero or changed sign, the weights are invalid, or every row
+        was left out for a NaN or infinity; warns (:class:`NonFiniteLossWarning`)
+        under ``nan_strategy="warn"`` when rows were left out; under
         ``torch.distributed``, :class:`RankMismatchError` on every rank when the
         ranks disagree, and :class:`PartialEpochWarning` when a resumed epoch
         lacks some ranks' earlier batches.
@@ -255,9 +277,16 @@ class DWAHistory:
         """
         temperature = None if temperature is None else check_temperature(temperature)
         epoch = self._sync.epoch(Operation.STEP, self._local(), temperature)
-        if epoch.batches == 0:
+        if epoch.totals.batches == 0:
             return
-        self._epochs.close(epoch.batches, epoch.weight, epoch.sums, temperature)
+        sums_dtype = self._running.sums.dtype if self._running.sums is not None else torch.float64
+        self._epochs.close(
+            epoch.totals,
+            temperature,
+            self._nan_strategy,
+            largest_loss=torch.finfo(getattr(torch, epoch.dtype)).max,
+            largest_sum=torch.finfo(sums_dtype).max,
+        )
         self._adopt(epoch)
         if epoch.missing:
             warnings.warn(partial_epoch_message(epoch.missing), PartialEpochWarning, stacklevel=2)
@@ -310,10 +339,8 @@ class DWAHistory:
             self._adopt(epoch)
 
     def _local(self) -> LocalEpoch:
-        batches, weight, _ = self._running.read()
-        return LocalEpoch(
-            self.num_tasks, self.tasks, str(self._dtype)[6:], self.epochs, batches, weight, self._running.sums
-        )
+        dtype = str(self._dtype)[6:]  # "torch.float32" -> "float32"
+        return LocalEpoch(self.num_tasks, self.tasks, dtype, self.epochs, self._nan_strategy, self._running.read())
 
     def _adopt(self, epoch: GroupEpoch) -> None:
         """Take the group's K and precision (a rank that recorded nothing may not know them)."""
@@ -329,7 +356,7 @@ class DWAHistory:
         ``torch.distributed`` the running epoch is this rank's part only; see
         :meth:`consolidate_state_dict` for checkpoints that any rank can resume.
         """
-        partial = self._sync.partial(*self._running.read())
+        partial = self._sync.partial(self._running.read())
         epochs = self._epochs
         dtype = str(self._dtype)[6:]  # "torch.float32" -> "float32"
         return HistoryState(
@@ -337,7 +364,7 @@ class DWAHistory:
         ).to_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        """Restore a :meth:`state_dict` (format version 2 or 3).
+        """Restore a :meth:`state_dict` (format version 2, 3 or 4).
 
         Raises ``ValueError`` naming the field, the value and what was expected,
         changing nothing, if the state is malformed or does not fit this history
@@ -350,14 +377,14 @@ class DWAHistory:
         # Validated in full: the assignments below cannot fail half-way.
         self._epochs.restore(state)
         self._dtype = getattr(torch, state.dtype)
-        self._running.load(state.num_tasks, partial)
+        self._running.load(state.num_tasks, None if partial is None else partial.totals)
         self._sync.clear(share)
 
     def __repr__(self) -> str:
         tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
         return (
             f"{type(self).__name__}(num_tasks={self.num_tasks}{tasks}, epochs_stored={len(self.averages)}, "
-            f"device={self.device}, distributed={self.distributed})"
+            f"device={self.device}, distributed={self.distributed}, nan_strategy={self.nan_strategy!r})"
         )
 
 

@@ -47,6 +47,10 @@ class DWA(nn.Module):
         tasks: task names; then a batch may also be a mapping ``{name: loss}``,
             and :meth:`weights_dict` and :attr:`log` use the names.
         distributed, process_group, allow_empty_ranks: see :class:`DWAHistory`.
+        nan_strategy: ``"error"`` (the default), ``"warn"`` or ``"ignore"``: whether a
+            batch with a NaN or infinite loss (e.g. one that overflowed under mixed
+            precision) makes :meth:`step` raise, or is left out of the epoch; see
+            :class:`DWAHistory`. The returned loss is that batch's as it is.
 
     The state (temperature, history, this epoch's running sums, the log) is
     saved by ``state_dict()`` as extra state, also when ``DWA`` is a submodule
@@ -80,6 +84,7 @@ class DWA(nn.Module):
         distributed: bool = True,
         process_group: dist.ProcessGroup | None = None,
         allow_empty_ranks: bool = False,
+        nan_strategy: str = "error",
     ) -> None:
         super().__init__()
         self.history = DWAHistory(
@@ -88,6 +93,7 @@ class DWA(nn.Module):
             distributed=distributed,
             process_group=process_group,
             allow_empty_ranks=allow_empty_ranks,
+            nan_strategy=nan_strategy,
         )
         self.kernel = DWAWeights()
         self._temperature = check_temperature(temperature)
@@ -98,6 +104,7 @@ class DWA(nn.Module):
         self._arguments += [f"tasks={tuple(tasks)!r}"] if tasks is not None else []
         self._arguments += [] if distributed else ["distributed=False"]
         self._arguments += ["allow_empty_ranks=True"] if allow_empty_ranks else []
+        self._arguments += [f"nan_strategy={nan_strategy!r}"] if nan_strategy != "error" else []
         self._update_weights()
 
     # ------------------------------------------------------------------ properties
@@ -146,7 +153,8 @@ class DWA(nn.Module):
         ``rates`` (``averages / previous averages``; ``None`` in the warm-up),
         ``temperature`` and ``weights`` (the weights the next epoch uses),
         ``batches`` and ``weight`` (the batch count and weight sum behind the
-        averages). With task names, ``averages``, ``rates`` and ``weights``
+        averages), ``nonfinite_rows`` (rows left out for a NaN or infinite
+        loss, see ``nan_strategy``). With task names, ``averages``, ``rates`` and ``weights``
         are dicts ``{name: value}``. Saved in ``state_dict()``; identical on
         every rank under ``torch.distributed``.
         """
@@ -171,6 +179,7 @@ class DWA(nn.Module):
                     "weights": named(entry["weights"]),
                     "batches": entry["batches"],
                     "weight": entry["weight"],
+                    "nonfinite_rows": entry["nonfinite_rows"],
                 }
             )
         return out

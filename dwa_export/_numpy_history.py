@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
-from ._epochs import EpochHistory, check_batch_weight, check_temperature
+from ._epochs import FLOAT64_MAX, EpochHistory, Totals, check_batch_weight, check_nan_strategy, check_temperature
 from ._state import HistoryState, RunningEpoch, resolve_partial
 
 __all__ = ["NumpyDWAHistory"]
@@ -27,14 +28,19 @@ class NumpyDWAHistory:
     Args:
         num_tasks: K. Fixed by the first :meth:`record` when not given.
         tasks: task names (fixes K); :meth:`record` then also takes ``{name: loss}``.
+        nan_strategy: ``"error"``, ``"warn"`` or ``"ignore"``, as for the torch history:
+            ``"warn"`` and ``"ignore"`` leave each row of K losses holding a NaN or
+            infinity out of the epoch. A row of weight 0 is left out under every strategy.
     """
 
-    def __init__(self, num_tasks: int | None = None, *, tasks: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, num_tasks: int | None = None, *, tasks: Sequence[str] | None = None, nan_strategy: str = "error"
+    ) -> None:
+        self._nan_strategy = check_nan_strategy(nan_strategy)
         self._epochs = EpochHistory(num_tasks, tasks)
         self._dtype: np.dtype[np.floating[Any]] = np.dtype(np.float32)  # of inputs()
         self._sums: np.ndarray | None = None  # float64 [K], once K is known
-        self._weight = 0.0
-        self._batches = 0
+        self._totals = Totals()  # of this epoch, but its sums (in _sums)
 
     @property
     def num_tasks(self) -> int | None:
@@ -65,6 +71,11 @@ class NumpyDWAHistory:
     def log(self) -> list[dict[str, Any]]:
         """One JSON-friendly dict per successful :meth:`step`; see :attr:`dwa_export.DWAHistory.log`."""
         return self._epochs.entries()
+
+    @property
+    def nan_strategy(self) -> str:
+        """What a NaN or infinite loss does: ``"error"``, ``"warn"`` or ``"ignore"``."""
+        return self._nan_strategy
 
     @property
     def dtype(self) -> np.dtype[np.floating[Any]]:
@@ -101,25 +112,32 @@ class NumpyDWAHistory:
             self._sums = np.zeros(num_tasks)
         if array.dtype == np.float64:
             self._dtype = np.dtype(np.float64)
-        with np.errstate(over="ignore"):  # an overflow is an infinite average, which step() reports
-            if weights is None:
-                self._sums += rows.sum(axis=0)
-                self._weight += float(len(rows))
-            elif weights.ndim == 0:  # one number for a [K] batch
-                self._sums += rows[0] * weights
-                self._weight += float(weights)
-            else:
-                self._sums += (rows * weights.reshape(-1, 1)).sum(axis=0)
-                self._weight += float(weights.sum())
-        self._batches += 1
+        weights = np.ones(len(rows)) if weights is None else np.broadcast_to(weights, (len(rows),))
+        weighted = weights != 0  # a mask, not a product: 0 * inf is NaN
+        kept = weighted & np.isfinite(rows).all(axis=1) if self._nan_strategy != "error" else weighted
+        with np.errstate(over="ignore", invalid="ignore"):  # a NaN or infinite average, which step() reports
+            self._sums += np.where(kept[:, None], rows * weights[:, None], 0.0).sum(axis=0)
+        totals = self._totals
+        self._totals = Totals(
+            totals.batches + 1,
+            totals.rows + len(rows),
+            totals.nonfinite_rows + int(np.count_nonzero(weighted & ~kept)),
+            totals.weight + float(weights[kept].sum()),
+        )
 
     def step(self, temperature: float | None = None) -> None:
         """Close the epoch; see :meth:`dwa_export.DWAHistory.step`."""
         temperature = None if temperature is None else check_temperature(temperature)
-        if self._batches == 0 or self._sums is None:
+        if self._totals.batches == 0 or self._sums is None:
             return
-        self._epochs.close(self._batches, self._weight, tuple(self._sums.tolist()), temperature)
+        largest_loss = float(np.finfo(self._dtype).max)
+        self._epochs.close(self._epoch_totals(), temperature, self._nan_strategy, largest_loss, FLOAT64_MAX)
         self.discard_epoch()
+
+    def _epoch_totals(self) -> Totals:
+        assert self._sums is not None
+        totals = self._totals
+        return Totals(totals.batches, totals.rows, totals.nonfinite_rows, totals.weight, tuple(self._sums.tolist()))
 
     def log_weights(self, temperature: float, weights: Sequence[float] | np.ndarray) -> None:
         """Store the temperature and weights computed from the last step in its log entry."""
@@ -135,8 +153,7 @@ class NumpyDWAHistory:
         """Drop the batches recorded since the last :meth:`step`."""
         if self._sums is not None:
             self._sums[:] = 0.0
-        self._weight = 0.0
-        self._batches = 0
+        self._totals = Totals()
 
     def reset(self) -> None:
         """Forget everything but a K (or task names) given to the constructor."""
@@ -147,8 +164,8 @@ class NumpyDWAHistory:
     def state_dict(self) -> dict[str, Any]:
         """The whole state as a JSON-serialisable dict, in the format of ``DWAHistory.state_dict()``."""
         partial = None
-        if self._batches > 0 and self._sums is not None:
-            partial = RunningEpoch(None, 1, self._batches, self._weight, tuple(self._sums.tolist()))
+        if self._totals.batches > 0 and self._sums is not None:
+            partial = RunningEpoch(None, 1, self._epoch_totals())
         epochs = self._epochs
         return HistoryState(
             epochs.num_tasks, epochs.tasks, self._dtype.name, epochs.averages, partial, tuple(epochs.log)
@@ -164,12 +181,15 @@ class NumpyDWAHistory:
         self._sums = None if state.num_tasks is None else np.zeros(state.num_tasks)
         self.discard_epoch()
         if partial is not None:
-            self._sums = np.array(partial.sums, dtype=np.float64)
-            self._weight, self._batches = partial.weight, partial.batches
+            self._sums = np.array(partial.totals.sums, dtype=np.float64)
+            self._totals = replace(partial.totals, sums=())
 
     def __repr__(self) -> str:
         tasks = "" if self.tasks is None else f", tasks={list(self.tasks)}"
-        return f"{type(self).__name__}(num_tasks={self.num_tasks}{tasks}, epochs_stored={len(self.averages)})"
+        return (
+            f"{type(self).__name__}(num_tasks={self.num_tasks}{tasks}, epochs_stored={len(self.averages)}, "
+            f"nan_strategy={self.nan_strategy!r})"
+        )
 
 
 def _checked_weight(weight: Any, batch_shape: tuple[int, ...]) -> np.ndarray:

@@ -160,10 +160,10 @@ def _values(entry_value: Any, names: list[str]) -> list[float | None]:
 
 
 def write_csv(log: list[dict[str, Any]], names: list[str], out: Any) -> None:
-    """One header line, one line per epoch: epoch, batches, weight, temperature, then per task."""
+    """One header line, one line per epoch: epoch, batches, weight, nonfinite_rows, temperature, then per task."""
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
-        ["epoch", "batches", "weight", "temperature"]
+        ["epoch", "batches", "weight", "nonfinite_rows", "temperature"]
         + [f"average_{n}" for n in names]
         + [f"rate_{n}" for n in names]
         + [f"weight_{n}" for n in names]
@@ -173,6 +173,7 @@ def write_csv(log: list[dict[str, Any]], names: list[str], out: Any) -> None:
             entry["epoch"],
             entry["batches"],
             repr(entry["weight"]),
+            entry["nonfinite_rows"],
             "" if entry["temperature"] is None else repr(entry["temperature"]),
         ]
         for key in ("averages", "rates", "weights"):

@@ -7,25 +7,34 @@ import math
 import torch
 from torch import Tensor
 
-from ._state import RunningEpoch
+from ._epochs import Totals
 from ._tensors import accumulator_dtype, state_tensor
 
 __all__ = ["RunningSums"]
 
+#: What a batch of one row with no weight adds to ``counts``.
+_ONE_ROW = (1.0, 1.0, 1.0, 0.0)
+
 
 class RunningSums:
-    """This epoch's weighted loss sums and its (weight, batches), in float64 tensors on one device.
+    """This epoch's weighted loss sums and its counts, in float64 tensors on one device.
 
-    Every batch updates them in place (their storage stays put once K is known, as
-    CUDA graphs need) and nothing per batch reads them: :meth:`read` is the host
-    read, once per epoch.
+    ``counts`` is ``(weight, batches, rows, nonfinite_rows)``. Every batch updates
+    them in place (their storage stays put once K is known, as CUDA graphs need)
+    and nothing per batch reads them: :meth:`read` is the host read, once per epoch.
+
+    A row of K losses is left out of the sums (a mask, not a product: ``0 * inf``
+    is NaN) when its weight is 0, and with ``skip_nonfinite`` when it holds a NaN
+    or an infinity; those are counted in ``nonfinite_rows``.
     """
 
-    def __init__(self, num_tasks: int | None = None) -> None:
+    def __init__(self, num_tasks: int | None = None, skip_nonfinite: bool = False) -> None:
         dtype = accumulator_dtype(torch.get_default_device())
-        self.counts = state_tensor(lambda: torch.zeros(2, dtype=dtype))  # (weight, batches)
+        self.counts = state_tensor(lambda: torch.zeros(4, dtype=dtype))
+        self.one_row = state_tensor(lambda: torch.tensor(_ONE_ROW, dtype=dtype))  # a constant, made once
         self.device = self.counts.device  # kept beside the tensors: read on every batch
         self.sums: Tensor | None = None  # [K], once K is known
+        self.skip_nonfinite = skip_nonfinite
         self.resize(num_tasks)
 
     def resize(self, num_tasks: int | None) -> None:
@@ -44,24 +53,32 @@ class RunningSums:
         """
         sums = self.sums
         assert sums is not None
-        if weight is None and rows.dim() == 1:  # the commonest batch: two in-place adds
+        if weight is None and rows.dim() == 1 and not self.skip_nonfinite:  # the commonest batch: two adds
             sums.add_(rows)
-            self.counts.add_(1.0)  # (weight, batches) += (1, 1)
+            self.counts.add_(self.one_row)
             return
         rows = rows.reshape(-1, rows.shape[-1]).to(sums.dtype)
-        if weight is None:  # every row counts once
+        count = torch.full((), rows.shape[0], dtype=sums.dtype, device=sums.device)
+        if weight is None and not self.skip_nonfinite:  # per-sample losses, each row counting once
             sums.add_(rows.sum(0))
-            total = torch.full((), rows.shape[0], dtype=sums.dtype, device=sums.device)
-        else:
-            if not isinstance(weight, Tensor):  # a number: symbolic while compiling, so checked here too
-                weight = torch.full((), weight, dtype=sums.dtype, device=sums.device)
-            # A negative or NaN weight cannot raise without a host sync: it makes the epoch's
-            # weight NaN, which step() reports. The product is rounded before the add, as in the
-            # NumPy and C++ histories (add_(alpha=) may fuse the two).
-            weight = torch.where(weight >= 0, weight.to(sums.dtype), math.nan).reshape(-1, 1)
-            sums.add_((rows * weight).sum(0))
-            total = weight.sum()
-        self.counts.add_(torch.stack((total, torch.ones_like(total))))
+            self.counts.add_(torch.stack((count, torch.ones_like(count), count, torch.zeros_like(count))))
+            return
+        if weight is None:
+            weight = torch.ones((), dtype=sums.dtype, device=sums.device)
+        elif not isinstance(weight, Tensor):  # a number: symbolic while compiling, so checked here too
+            weight = torch.full((), weight, dtype=sums.dtype, device=sums.device)
+        # A negative or NaN weight cannot raise without a host sync: it makes the epoch's
+        # weight NaN, which step() reports (such a row is always kept, to be seen there).
+        weight = torch.where(weight >= 0, weight.to(sums.dtype), math.nan).reshape(-1, 1).expand(rows.shape[0], 1)
+        weighted = weight != 0
+        kept = weighted
+        if self.skip_nonfinite:
+            kept = kept & (rows.isfinite().all(-1, keepdim=True) | weight.isnan())
+        # The product is rounded before the sum, as in the NumPy and C++ histories.
+        sums.add_(torch.where(kept, rows * weight, 0.0).sum(0))
+        total = torch.where(kept, weight, 0.0).sum()
+        left_out = (weighted & ~kept).sum().to(sums.dtype)
+        self.counts.add_(torch.stack((total, torch.ones_like(total), count, left_out)))
 
     def to(self, device: torch.device) -> None:
         """Move to ``device``; from the ``meta`` device, which holds no values, they start at zero."""
@@ -73,6 +90,7 @@ class RunningSums:
             return state_tensor(lambda: tensor.to(device=device, dtype=dtype))
 
         self.counts = moved(self.counts)
+        self.one_row = state_tensor(lambda: torch.tensor(_ONE_ROW, dtype=dtype, device=device))
         if self.sums is not None:
             self.sums = moved(self.sums)
         self.device = self.counts.device
@@ -82,17 +100,18 @@ class RunningSums:
             self.sums.zero_()
         self.counts.zero_()
 
-    def read(self) -> tuple[int, float, tuple[float, ...]]:
-        """``(batches, weight, sums)`` as host numbers: a device sync, once per epoch."""
-        weight, batches = self.counts.tolist()
+    def read(self) -> Totals:
+        """This epoch's totals as host numbers: a device sync, once per epoch."""
+        weight, batches, rows, nonfinite_rows = self.counts.tolist()
         sums = () if self.sums is None or batches == 0 else tuple(self.sums.tolist())
-        return int(batches), weight, sums
+        return Totals(int(batches), int(rows), int(nonfinite_rows), weight, sums)
 
-    def load(self, num_tasks: int | None, partial: RunningEpoch | None) -> None:
+    def load(self, num_tasks: int | None, partial: Totals | None) -> None:
         """Start from a checkpoint's running epoch (or from nothing) for K tasks."""
         self.resize(num_tasks)
         self.clear()
         if partial is not None:
             assert self.sums is not None
             self.sums.copy_(torch.tensor(partial.sums, dtype=torch.float64))
-            self.counts.copy_(torch.tensor([partial.weight, float(partial.batches)], dtype=torch.float64))
+            counts = (partial.weight, partial.batches, partial.rows, partial.nonfinite_rows)
+            self.counts.copy_(torch.tensor(counts, dtype=torch.float64))

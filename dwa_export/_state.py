@@ -1,34 +1,37 @@
 """The checkpoint format of a DWA history, shared by the torch, NumPy and C++ histories (no torch here).
 
-``state_dict()`` is a plain, JSON-serialisable dict (version 3)::
+``state_dict()`` is a plain, JSON-serialisable dict (version 4)::
 
     {
         "format": "dwa_export.history",
-        "version": 3,
+        "version": 4,
         "num_tasks": int | None,          # K, once known (1 <= K <= 2**20)
         "tasks": [str] * K | None,        # task names, if given
         "dtype": "float32" | "float64",   # the precision of inputs(): float64 once float64 losses were recorded
         "averages": [[float] * K, ...],   # 0-2 epoch averages, oldest first
-        "partial": None | [rank, world_size, batches, weight, [float] * K],
+        "partial": None | [rank, world_size, batches, rows, nonfinite_rows, weight, [float] * K],
         "log": {"batches": [int], "weight": [float], "averages": [[float] * K],
-                "temperature": [float | None], "weights": [[float] * K | None]},
+                "temperature": [float | None], "weights": [[float] * K | None], "nonfinite_rows": [int]},
     }
 
 ``partial`` is the running epoch (the batches recorded since the last
 ``step()``): ``rank`` is ``None`` when it holds the whole group's running epoch
 (one process, or after ``consolidate_state_dict()``), else the one rank of
 ``world_size`` processes whose part it is; ``batches`` counts ``record()``
-calls, ``weight`` is their weight sum (NaN or infinite after an invalid per-row
+calls, ``rows`` the rows of K losses in them, ``nonfinite_rows`` those left out
+for a NaN or infinite loss (``nan_strategy`` "warn" or "ignore"), ``weight`` is
+the weight sum of the rows kept (NaN or infinite after an invalid per-row
 weight, which ``step()`` then reports) and the sums are float64. It is one JSON
 list, not a dict, because ``torch.distributed.checkpoint`` stores each leaf of a
 nested dict separately and could then mix the fields of different ranks.
 
 ``log`` has one entry per successful ``step()``: its batch count, weight sum and
-averages, and the temperature and weights computed from them (``None`` unless
-``log_weights()`` was called, as ``DWA`` does).
+averages, the temperature and weights computed from them (``None`` unless
+``log_weights()`` was called, as ``DWA`` does) and its rows left out.
 
-Version 2 states load too (no ``dtype``; ``partial`` with a dtype third; a log
-without temperatures and weights). Version 1 is refused.
+Versions 2 and 3 load too. Version 3 counted no rows: its running epoch reads as
+one row per batch, none left out. Version 2 also had no ``dtype`` (``partial``
+held it third) and a log without temperatures and weights. Version 1 is refused.
 """
 
 from __future__ import annotations
@@ -39,12 +42,12 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._epochs import MAX_TASKS, LogEntry, LossHistoryError, _short, check_epoch_average, check_tasks
+from ._epochs import MAX_TASKS, LogEntry, LossHistoryError, Totals, _short, check_epoch_average, check_tasks
 
 __all__ = ["HistoryState", "RunningEpoch", "Share", "resolve_partial"]
 
 FORMAT = "dwa_export.history"
-VERSION = 3
+VERSION = 4
 MAX_WORLD_SIZE = 1 << 24
 MAX_COUNT = 1 << 53  # counts stay exact as float64
 DTYPES = ("float32", "float64")
@@ -52,7 +55,13 @@ _KEYS = {
     2: ("format", "version", "num_tasks", "tasks", "averages", "partial", "log"),
     3: ("format", "version", "num_tasks", "tasks", "dtype", "averages", "partial", "log"),
 }
-_LOG_KEYS = {2: ("batches", "weight", "averages"), 3: ("batches", "weight", "averages", "temperature", "weights")}
+_KEYS[4] = _KEYS[3]
+_LOG_KEYS = {
+    2: ("batches", "weight", "averages"),
+    3: ("batches", "weight", "averages", "temperature", "weights"),
+    4: ("batches", "weight", "averages", "temperature", "weights", "nonfinite_rows"),
+}
+_PARTIAL = "[rank, world_size, batches, rows, nonfinite_rows, weight, sums]"
 
 
 @dataclass(frozen=True)
@@ -61,9 +70,7 @@ class RunningEpoch:
 
     rank: int | None  # None: the whole group's running epoch
     world_size: int
-    batches: int
-    weight: float
-    sums: tuple[float, ...]
+    totals: Totals
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ class HistoryState:
     log: tuple[LogEntry, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        partial = self.partial
+        partial, totals = self.partial, None if self.partial is None else self.partial.totals
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -87,28 +94,37 @@ class HistoryState:
             "dtype": self.dtype,
             "averages": [list(average) for average in self.averages],
             "partial": None
-            if partial is None
-            else [partial.rank, partial.world_size, partial.batches, partial.weight, list(partial.sums)],
+            if partial is None or totals is None
+            else [
+                partial.rank,
+                partial.world_size,
+                totals.batches,
+                totals.rows,
+                totals.nonfinite_rows,
+                totals.weight,
+                list(totals.sums),
+            ],
             "log": {
                 "batches": [entry.batches for entry in self.log],
                 "weight": [entry.weight for entry in self.log],
                 "averages": [list(entry.averages) for entry in self.log],
                 "temperature": [entry.temperature for entry in self.log],
                 "weights": [None if entry.weights is None else list(entry.weights) for entry in self.log],
+                "nonfinite_rows": [entry.nonfinite_rows for entry in self.log],
             },
         }
 
     @classmethod
     def from_dict(cls, state: object) -> HistoryState:
-        """Validate a ``state_dict()`` (version 2 or 3) completely; raises ``ValueError`` naming the problem."""
+        """Validate a ``state_dict()`` (version 2, 3 or 4) completely; raises ``ValueError`` naming the problem."""
         state = upgrade(state)
         if not isinstance(state, Mapping):
             raise _bad(f"expected the dict of a state_dict(), got {type(state).__name__}")
         if state.get("format") != FORMAT or not isinstance(state.get("format"), str):
             raise _bad(f"'format' is {_short(state.get('format'))}, expected {FORMAT!r}")
         if not _is_int(state.get("version")) or state["version"] != VERSION:
-            raise _bad(f"'version' is {_short(state.get('version'))}; this dwa_export reads versions 2 and 3")
-        _check_keys(state, _KEYS[3])
+            raise _bad(f"'version' is {_short(state.get('version'))}; this dwa_export reads versions 2 to 4")
+        _check_keys(state, _KEYS[4])
         num_tasks = state["num_tasks"]
         if num_tasks is not None and not (_is_int(num_tasks) and 1 <= num_tasks <= MAX_TASKS):
             raise _bad(f"'num_tasks' must be None or an int from 1 to {MAX_TASKS}, got {_short(num_tasks)}")
@@ -138,6 +154,28 @@ class HistoryState:
 
 
 def upgrade(state: object) -> object:
+    """A version-2 or -3 state in the version-4 layout; any other value as it is.
+
+    Version 3 counted no rows: a running epoch reads as one row per batch, none
+    left out, and so does each log entry.
+    """
+    state = _upgrade_2(state)
+    if not (isinstance(state, Mapping) and _is_int(state.get("version")) and state["version"] == 3):
+        return state
+    _check_keys(state, _KEYS[3])
+    partial = state["partial"]
+    if partial is not None:
+        if not isinstance(partial, (list, tuple)) or len(partial) != 5:
+            raise _bad(f"'partial' must be None or [rank, world_size, batches, weight, sums], got {_short(partial)}")
+        partial = [*partial[:3], partial[2], 0, *partial[3:]]
+    log = state["log"]
+    if not isinstance(log, Mapping) or set(log) != set(_LOG_KEYS[3]):
+        raise _bad(f"'log' must be a dict with keys {list(_LOG_KEYS[3])}, got {_short(log)}")
+    rows = len(log["batches"]) if isinstance(log["batches"], (list, tuple)) else 0
+    return {**state, "version": VERSION, "partial": partial, "log": {**log, "nonfinite_rows": [0] * rows}}
+
+
+def _upgrade_2(state: object) -> object:
     """A version-2 state in the version-3 layout; any other value as it is.
 
     Version 2 had no ``dtype``: a running epoch held it as its third field
@@ -160,7 +198,7 @@ def upgrade(state: object) -> object:
         raise _bad(f"'log' must be a dict with keys {list(_LOG_KEYS[2])}, got {_short(log)}")
     rows = len(log["batches"]) if isinstance(log["batches"], (list, tuple)) else 0
     log = {**log, "temperature": [None] * rows, "weights": [None] * rows}
-    return {**state, "version": VERSION, "dtype": dtype, "partial": partial, "log": log}
+    return {**state, "version": 3, "dtype": dtype, "partial": partial, "log": log}
 
 
 def _check_keys(state: Mapping[str, Any], keys: Sequence[str]) -> None:
@@ -214,32 +252,35 @@ def _check_chain(averages: Sequence[Sequence[float]], what: str) -> None:
 def _parse_partial(value: object, num_tasks: int | None) -> RunningEpoch | None:
     if value is None:
         return None
-    if not isinstance(value, (list, tuple)) or len(value) != 5:
-        raise _bad(f"'partial' must be None or [rank, world_size, batches, weight, sums], got {_short(value)}")
-    rank, world_size, batches, weight, sums = value
+    if not isinstance(value, (list, tuple)) or len(value) != 7:
+        raise _bad(f"'partial' must be None or {_PARTIAL}, got {_short(value)}")
+    rank, world_size, batches, rows, nonfinite_rows, weight, sums = value
     world_size = _count(world_size, "the world_size in 'partial'", 1, MAX_WORLD_SIZE)
     if rank is not None:
         if world_size == 1:
             raise _bad(f"the rank in 'partial' must be None for a single process (world_size 1), got {_short(rank)}")
         rank = _count(rank, "the rank in 'partial'", 0, world_size - 1)
     batches = _count(batches, "the batch count in 'partial'", 1)
+    rows = _count(rows, "the row count in 'partial'", 0)
+    nonfinite_rows = _count(nonfinite_rows, "the nonfinite_rows in 'partial'", 0, rows)
     weight = _number(weight, "the weight in 'partial'")
     if weight < 0.0:  # NaN and +inf mark a poisoned epoch, which step() reports
         raise _bad(f"the weight in 'partial' must be >= 0, got {weight!r}")
-    return RunningEpoch(
-        rank, world_size, batches, weight, _numbers(sums, num_tasks, "the sums in 'partial'", finite=False)
-    )
+    sums = _numbers(sums, num_tasks, "the sums in 'partial'", finite=False)
+    return RunningEpoch(rank, world_size, Totals(batches, rows, nonfinite_rows, weight, sums))
 
 
 def _parse_log(value: object, num_tasks: int | None) -> tuple[LogEntry, ...]:
-    keys = _LOG_KEYS[3]
+    keys = _LOG_KEYS[4]
     if not isinstance(value, Mapping) or set(value) != set(keys):
         raise _bad(f"'log' must be a dict with keys {list(keys)}, got {_short(value)}")
     columns = [value[key] for key in keys]
     if not all(isinstance(column, (list, tuple)) for column in columns) or len({len(c) for c in columns}) != 1:
         raise _bad(f"the columns of 'log' must be lists of one length, got {_short(value)}")
     entries = []
-    for i, (batches, weight, average, temperature, entry_weights) in enumerate(zip(*columns, strict=True)):
+    for i, (batches, weight, average, temperature, entry_weights, nonfinite_rows) in enumerate(
+        zip(*columns, strict=True)
+    ):
         total = _number(weight, f"log weight[{i}]")
         if not (math.isfinite(total) and total > 0.0):
             raise _bad(f"log weight[{i}] must be a finite number > 0, got {_short(weight)}")
@@ -258,6 +299,7 @@ def _parse_log(value: object, num_tasks: int | None) -> tuple[LogEntry, ...]:
                 _numbers(average, num_tasks, f"log averages[{i}]"),
                 temperature,
                 entry_weights,
+                _count(nonfinite_rows, f"log nonfinite_rows[{i}]", 0),
             )
         )
     _check_chain([entry.averages for entry in entries], "log averages")

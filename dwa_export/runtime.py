@@ -30,10 +30,10 @@ from typing import Any
 import numpy as np
 
 from . import exported_dir
-from ._epochs import LossHistoryError
+from ._epochs import LossHistoryError, NonFiniteLossWarning
 from ._numpy_history import NumpyDWAHistory
 
-__all__ = ["DWAWeightsSession", "LossHistoryError", "NumpyDWAHistory"]
+__all__ = ["DWAWeightsSession", "LossHistoryError", "NonFiniteLossWarning", "NumpyDWAHistory"]
 
 _ONNX_TYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),

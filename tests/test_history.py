@@ -283,11 +283,16 @@ def test_resuming_from_a_checkpoint_reproduces_the_weights_exactly(stop_in_epoch
         (lambda s: s.update(tasks=["a", "\ud800"]), "non-empty string"),
         (lambda s: s.update(dtype="float16"), "'dtype' must be one of"),
         (lambda s: s.update(dtype=None), "'dtype' must be one of"),
-        (lambda s: s["partial"].__setitem__(3, -0.5), "weight in 'partial' must be >= 0"),
+        (lambda s: s["partial"].__setitem__(5, -0.5), "weight in 'partial' must be >= 0"),
+        (lambda s: s["partial"].__setitem__(3, -1), "row count in 'partial' must be an int from 0"),
+        (lambda s: s["partial"].__setitem__(4, 2), "nonfinite_rows in 'partial' must be an int from 0 to 1"),
+        (lambda s: s["partial"].__setitem__(4, -1), "nonfinite_rows in 'partial' must be an int from 0"),
+        (lambda s: s["log"].update(nonfinite_rows=[0, -1, 0]), r"log nonfinite_rows\[1\] must be an int from 0"),
+        (lambda s: s["log"].pop("nonfinite_rows"), "'log' must be a dict with keys"),
         (lambda s: s["partial"].__setitem__(2, 0), "batch count in 'partial' must be an int from 1"),
         (lambda s: s["partial"].__setitem__(2, True), "batch count in 'partial' must be an int"),
-        (lambda s: s["partial"].__setitem__(4, [1.0]), "sums in 'partial' must be a list of 2"),
-        (lambda s: s["partial"].__setitem__(4, [10**400, 1.0]), "beyond the float range"),
+        (lambda s: s["partial"].__setitem__(6, [1.0]), "sums in 'partial' must be a list of 2"),
+        (lambda s: s["partial"].__setitem__(6, [10**400, 1.0]), "beyond the float range"),
         (lambda s: s["partial"].insert(2, "float32"), "'partial' must be None or"),  # a version-2 partial
         (lambda s: s["log"]["temperature"].__setitem__(0, -1.0), r"log temperature\[0\] must be None or finite"),
         (lambda s: s["log"]["weights"].__setitem__(1, [1.0]), r"log weights\[1\] must be a list of 2"),
@@ -518,6 +523,7 @@ def test_the_log_has_one_entry_per_successful_step_equal_to_a_float64_reference(
         "averages": [],
         "temperature": [],
         "weights": [],
+        "nonfinite_rows": [],
     }
 
 
@@ -557,12 +563,13 @@ def test_a_version_2_checkpoint_loads_and_resumes_exactly():
         "weight": 3.0,
         "temperature": None,
         "weights": None,
+        "nonfinite_rows": 0,
     }
     history.record(torch.tensor([1.0, 1.0]))
     history.step()
     assert history.averages == ((0.75, 1.5), (3.0 / 5, 5.0 / 5))  # (2 + 1) / (4 + 1), (4 + 1) / 5
     assert history.log[-1]["batches"] == 4
-    assert history.state_dict()["version"] == 3
+    assert history.state_dict()["version"] == 4
     with pytest.raises(ValueError, match=r"the dtype in 'partial' must be one of"):
         history.load_state_dict(dict(v2, partial=[None, 1, "float16", 3, 4.0, [2.0, 4.0]]))
     with pytest.raises(ValueError, match=r"'partial' must be None or \[rank, world_size, dtype"):
@@ -573,7 +580,7 @@ def test_a_version_1_checkpoint_is_a_clear_error_naming_its_version():
     v1 = {"format": "dwa_export.history", "version": 1, "num_tasks": 2, "averages": [], "dtype": None,
           "epoch_sum": None, "epoch_weight": 0.0, "epoch_tensor_weight": None}  # fmt: skip
     history = DWAHistory()
-    with pytest.raises(ValueError, match="'version' is 1; this dwa_export reads versions 2 and 3"):
+    with pytest.raises(ValueError, match="'version' is 1; this dwa_export reads versions 2 to 4"):
         history.load_state_dict(v1)
     assert history.num_tasks is None
 
@@ -612,4 +619,6 @@ def test_float64_sums_hold_a_long_epoch():
 
 def test_repr_names_the_state():
     history = DWAHistory(tasks=("a", "b"))
-    assert repr(history) == "DWAHistory(num_tasks=2, tasks=['a', 'b'], epochs_stored=0, device=cpu, distributed=True)"
+    assert repr(history) == (
+        "DWAHistory(num_tasks=2, tasks=['a', 'b'], epochs_stored=0, device=cpu, distributed=True, nan_strategy='error')"
+    )

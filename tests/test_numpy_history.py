@@ -123,7 +123,7 @@ def test_a_mid_epoch_torch_state_with_tensor_weights_moves_to_numpy_with_its_wei
     torch_history.record(torch.tensor([1.0, 1.0]), weight=torch.tensor(3.0))
     numpy_history = NumpyDWAHistory()
     numpy_history.load_state_dict(json.loads(json.dumps(torch_history.state_dict())))
-    assert numpy_history.state_dict()["partial"][2:4] == [2, 5.0]  # batches, weight
+    assert numpy_history.state_dict()["partial"][2:6] == [2, 3, 0, 5.0]  # batches, rows, nonfinite_rows, weight
     for history, losses in (
         (torch_history, torch.tensor([2.0, 2.0])),
         (numpy_history, np.array([2.0, 2.0], np.float32)),
@@ -157,7 +157,7 @@ def test_number_weighted_records_round_alike_in_torch_and_numpy():
         numpy_history.record(np.array(losses), weight)
     assert torch_history.state_dict() == numpy_history.state_dict()
     assert (
-        torch_history.state_dict()["partial"][4][1]
+        torch_history.state_dict()["partial"][6][1]
         == 0.43319879426122676 + 0.8442331511654346 * 3.3
         == 3.219168193107161
     )

@@ -48,12 +48,13 @@ def test_csv_is_the_log(checkpoint, capsys):
     assert main(["plot", str(path), "--csv"]) == 0
     rows = list(csv.reader(io.StringIO(capsys.readouterr().out)))
     header, body = rows[0], rows[1:]
-    assert header[:4] == ["epoch", "batches", "weight", "temperature"]
-    assert header[4:7] == ["average_seg", "average_depth", "average_normal"]
+    assert header[:5] == ["epoch", "batches", "weight", "nonfinite_rows", "temperature"]
+    assert header[5:8] == ["average_seg", "average_depth", "average_normal"]
     assert len(body) == len(dwa.log) == 6
     for row, entry in zip(body, dwa.log, strict=True):
         cells = dict(zip(header, row, strict=True))
         assert int(cells["epoch"]) == entry["epoch"] and int(cells["batches"]) == entry["batches"] == 4
+        assert int(cells["nonfinite_rows"]) == entry["nonfinite_rows"] == 0
         assert float(cells["temperature"]) == 1.5
         for name in ("seg", "depth", "normal"):
             assert float(cells[f"average_{name}"]) == entry["averages"][name]  # repr: exact
