@@ -12,6 +12,7 @@ numbers of processes see the same batches in all.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import traceback
@@ -87,6 +88,7 @@ MISMATCHES = {
     "tasks_order": lambda rank: DWA(tasks=("a", "b") if rank == 0 else ("b", "a")),
     "temperature_mismatch": lambda rank: DWA(temperature=2.0 if rank == 0 else 1.0, num_tasks=K),
     "allow_empty_mismatch": lambda rank: DWA(num_tasks=K, allow_empty_ranks=rank == 0),
+    "nan_strategy_mismatch": lambda rank: DWA(num_tasks=K, nan_strategy="warn" if rank == 0 else "error"),
 }
 
 
@@ -201,6 +203,21 @@ def scenario(name: str, rank: int, world_size: int, workdir: Path, device: str) 
         except RankMismatchError as error:
             return {"error": type(error).__name__, "message": str(error), "log": dwa.log}
         return {"error": None}
+
+    if name == "nonfinite_rows":  # nan_strategy="warn": rank 1 records an overflowed batch and a masked one
+        dwa = DWA(num_tasks=K, nan_strategy="warn")
+        for i, losses in enumerate(global_batches(0)):
+            if i % world_size == rank:
+                dwa(torch.tensor(losses, device=device))
+        if rank == 1:
+            dwa(torch.tensor([math.inf, 1.0, 1.0], device=device))  # left out, counted
+            dwa.history.record(torch.tensor([[math.nan, 1.0, 1.0]], device=device), weight=torch.zeros(1))  # a mask
+        dwa.consolidate_state_dict()
+        partial = dwa.state_dict()["_extra_state"]["history"]["partial"]
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            dwa.step()
+        return {"partial": partial, "log": dwa.log, "warnings": [str(w.message) for w in caught]}
 
     if name == "consolidate_at_the_last_batch":  # a checkpoint on the epoch's last batch, then its step()
         dwa = DWA(num_tasks=K).to(device)

@@ -43,6 +43,8 @@ SCENARIOS_2 = [
     "tasks_order",
     "temperature_mismatch",
     "allow_empty_mismatch",
+    "nan_strategy_mismatch",
+    "nonfinite_rows",
     "uneven_opt_in",
     "empty_rank_without_k",
     "consolidate_at_the_last_batch",
@@ -262,6 +264,7 @@ def test_a_rank_that_steps_once_too_often_raises_on_every_rank(world, request):
         ("tasks_order", "the task names or their order"),
         ("temperature_mismatch", "the temperature (rank 0: 2.0, rank 1: 1.0)"),
         ("allow_empty_mismatch", "allow_empty_ranks (rank 0: True, rank 1: False)"),
+        ("nan_strategy_mismatch", "nan_strategy (rank 0: warn, rank 1: error)"),
     ],
 )
 def test_ranks_whose_histories_differ_get_a_clear_error_on_every_rank(two_ranks, case, message):
@@ -269,6 +272,21 @@ def test_ranks_whose_histories_differ_get_a_clear_error_on_every_rank(two_ranks,
         outcome = rank_results[case]
         assert outcome["error"] == "RankMismatchError" and message in outcome["message"], outcome
         assert outcome["log"] == []  # nothing changed
+
+
+def test_rows_left_out_for_a_nan_or_infinity_are_summed_over_the_ranks(two_ranks):
+    # Rank 1's infinite row is left out and counted; its NaN row of weight 0 is a mask, not counted.
+    results = [r["nonfinite_rows"] for r in two_ranks]
+    finite = np.array(global_batches(0), dtype=np.float32).astype(np.float64)  # 5 finite batches, over the ranks
+    for result in results:
+        # consolidate_state_dict(): the group's running epoch, counts included (7 rows, 1 left out).
+        assert result["partial"][:6] == [None, 2, 7, 7, 1, 5.0]
+        (entry,) = result["log"]
+        assert entry["nonfinite_rows"] == 1 and entry["batches"] == 7 and entry["weight"] == 5.0
+        np.testing.assert_allclose(entry["averages"], finite.mean(0), rtol=1e-12)
+        (message,) = result["warnings"]  # one warning, the same on every rank
+        assert message.startswith("1 of this epoch's 7 rows of K losses held a NaN or infinite loss")
+    assert results[0]["log"] == results[1]["log"]
 
 
 def test_really_uneven_data_can_opt_in(two_ranks):
