@@ -53,8 +53,8 @@ if TYPE_CHECKING:
 def include_dir() -> str:
     """The folder holding the C++ header ``dwa/history.hpp`` (add it with ``-I``).
 
-    Like ``torch.utils.cmake_prefix_path``: ``cmake -DDWA_INCLUDE_DIR=$(python -c
-    "import dwa_export; print(dwa_export.include_dir())")``.
+    For a compiler line: ``c++ -std=c++17 -I"$(python -c "import dwa_export;
+    print(dwa_export.include_dir())")" train.cpp``; CMake projects use :func:`cmake_dir`.
     """
     return str(_HERE / "include")
 

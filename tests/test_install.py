@@ -122,7 +122,8 @@ def test_the_wheel_ships_the_kernels_the_header_and_the_licence(tmp_path):
         for name in sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "exported").iterdir()):
             packaged = "dwa_export/" + name
             assert packaged in names and wheel.read(packaged) == (ROOT / name).read_bytes(), name  # one source
-        assert {"dwa_export/include/dwa/history.hpp", "dwa_export/py.typed"} <= names
+        cmake = {"dwa_export/cmake/dwa_exportConfig.cmake", "dwa_export/cmake/dwa_exportConfigVersion.cmake"}
+        assert {"dwa_export/include/dwa/history.hpp", "dwa_export/py.typed", *cmake} <= names
         assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)
         metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert (

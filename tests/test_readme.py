@@ -50,7 +50,7 @@ def scratch(tmp_path, monkeypatch) -> Path:
 
 
 def test_the_python_examples_run_in_order(scratch, capsys):
-    assert len(PYTHON_BLOCKS) == 6  # quick start, resume, validation, seeing, compile, runtime
+    assert len(PYTHON_BLOCKS) == 7  # quick start, resume, validation, seeing, mixed precision, compile, runtime
     namespace: dict = {"__name__": "__readme__"}
     for index, block in enumerate(PYTHON_BLOCKS):
         exec(compile(block, f"README.md python block {index}", "exec"), namespace)
