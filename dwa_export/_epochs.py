@@ -26,7 +26,6 @@ __all__ = [
     "NonFiniteLossWarning",
     "Totals",
     "check_batch_weight",
-    "check_nan_strategy",
     "check_temperature",
 ]
 
@@ -246,9 +245,12 @@ class LogEntry:
 
 
 class EpochHistory:
-    """The once-per-epoch half of a DWA history: K, task names, the last two averages and the log."""
+    """The once-per-epoch half of a DWA history: K, task names, the nan_strategy, the last two averages and the log."""
 
-    def __init__(self, num_tasks: int | None = None, tasks: Sequence[str] | None = None) -> None:
+    def __init__(
+        self, num_tasks: int | None = None, tasks: Sequence[str] | None = None, nan_strategy: str = "error"
+    ) -> None:
+        self.nan_strategy = check_nan_strategy(nan_strategy)
         self.fixed_tasks = check_tasks(tasks, check_num_tasks(num_tasks))  # given to the constructor
         self.fixed_num_tasks = len(self.fixed_tasks) if self.fixed_tasks else check_num_tasks(num_tasks)
         self.tasks = self.fixed_tasks
@@ -291,7 +293,6 @@ class EpochHistory:
         self,
         totals: Totals,
         temperature: float | None = None,
-        nan_strategy: str = "error",
         largest_loss: float = FLOAT32_MAX,
         largest_sum: float = FLOAT64_MAX,
     ) -> None:
@@ -305,7 +306,7 @@ class EpochHistory:
         values of the recorded losses' and of the sums' dtypes (can the sum overflow?).
         """
         previous = self.averages[-1] if self.averages else None
-        weight, sums, left_out = totals.weight, totals.sums, totals.nonfinite_rows
+        nan_strategy, weight, sums, left_out = self.nan_strategy, totals.weight, totals.sums, totals.nonfinite_rows
         check_epoch_weight(weight, sums, previous)
         if weight == 0.0 and left_out:
             raise LossHistoryError(

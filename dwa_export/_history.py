@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._distributed import GroupEpoch, GroupSync, LocalEpoch, Operation, PartialEpochWarning, partial_epoch_message
-from ._epochs import EpochHistory, check_batch_weight, check_nan_strategy, check_temperature
+from ._epochs import EpochHistory, check_batch_weight, check_temperature
 from ._running import RunningSums
 from ._state import HistoryState
 
@@ -106,8 +106,7 @@ class DWAHistory:
         allow_empty_ranks: bool = False,
         nan_strategy: str = "error",
     ) -> None:
-        self._nan_strategy = check_nan_strategy(nan_strategy)
-        self._epochs = EpochHistory(num_tasks, tasks)
+        self._epochs = EpochHistory(num_tasks, tasks, nan_strategy)
         self._running = RunningSums(self._epochs.num_tasks, skip_nonfinite=nan_strategy != "error")
         self._sync = GroupSync(distributed, process_group, allow_empty_ranks)
         self._dtype = torch.float32  # of inputs(); float64 once float64 losses were recorded
@@ -165,7 +164,7 @@ class DWAHistory:
     @property
     def nan_strategy(self) -> str:
         """What a NaN or infinite loss does: ``"error"``, ``"warn"`` or ``"ignore"``."""
-        return self._nan_strategy
+        return self._epochs.nan_strategy
 
     @property
     def log(self) -> list[dict[str, Any]]:
@@ -283,7 +282,6 @@ class DWAHistory:
         self._epochs.close(
             epoch.totals,
             temperature,
-            self._nan_strategy,
             largest_loss=torch.finfo(getattr(torch, epoch.dtype)).max,
             largest_sum=torch.finfo(sums_dtype).max,
         )
@@ -340,7 +338,7 @@ class DWAHistory:
 
     def _local(self) -> LocalEpoch:
         dtype = str(self._dtype)[6:]  # "torch.float32" -> "float32"
-        return LocalEpoch(self.num_tasks, self.tasks, dtype, self.epochs, self._nan_strategy, self._running.read())
+        return LocalEpoch(self.num_tasks, self.tasks, dtype, self.epochs, self.nan_strategy, self._running.read())
 
     def _adopt(self, epoch: GroupEpoch) -> None:
         """Take the group's K and precision (a rank that recorded nothing may not know them)."""

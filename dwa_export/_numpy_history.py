@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._epochs import FLOAT64_MAX, EpochHistory, Totals, check_batch_weight, check_nan_strategy, check_temperature
+from ._epochs import FLOAT64_MAX, EpochHistory, Totals, check_batch_weight, check_temperature
 from ._state import HistoryState, RunningEpoch, resolve_partial
 
 __all__ = ["NumpyDWAHistory"]
@@ -36,8 +36,7 @@ class NumpyDWAHistory:
     def __init__(
         self, num_tasks: int | None = None, *, tasks: Sequence[str] | None = None, nan_strategy: str = "error"
     ) -> None:
-        self._nan_strategy = check_nan_strategy(nan_strategy)
-        self._epochs = EpochHistory(num_tasks, tasks)
+        self._epochs = EpochHistory(num_tasks, tasks, nan_strategy)
         self._dtype: np.dtype[np.floating[Any]] = np.dtype(np.float32)  # of inputs()
         self._sums: np.ndarray | None = None  # float64 [K], once K is known
         self._totals = Totals()  # of this epoch, but its sums (in _sums)
@@ -75,7 +74,7 @@ class NumpyDWAHistory:
     @property
     def nan_strategy(self) -> str:
         """What a NaN or infinite loss does: ``"error"``, ``"warn"`` or ``"ignore"``."""
-        return self._nan_strategy
+        return self._epochs.nan_strategy
 
     @property
     def dtype(self) -> np.dtype[np.floating[Any]]:
@@ -114,7 +113,7 @@ class NumpyDWAHistory:
             self._dtype = np.dtype(np.float64)
         weights = np.ones(len(rows)) if weights is None else np.broadcast_to(weights, (len(rows),))
         weighted = weights != 0  # a mask, not a product: 0 * inf is NaN
-        kept = weighted & np.isfinite(rows).all(axis=1) if self._nan_strategy != "error" else weighted
+        kept = weighted & np.isfinite(rows).all(axis=1) if self.nan_strategy != "error" else weighted
         with np.errstate(over="ignore", invalid="ignore"):  # a NaN or infinite average, which step() reports
             self._sums += np.where(kept[:, None], rows * weights[:, None], 0.0).sum(axis=0)
         totals = self._totals
@@ -131,7 +130,7 @@ class NumpyDWAHistory:
         if self._totals.batches == 0 or self._sums is None:
             return
         largest_loss = float(np.finfo(self._dtype).max)
-        self._epochs.close(self._epoch_totals(), temperature, self._nan_strategy, largest_loss, FLOAT64_MAX)
+        self._epochs.close(self._epoch_totals(), temperature, largest_loss, FLOAT64_MAX)
         self.discard_epoch()
 
     def _epoch_totals(self) -> Totals:
