@@ -34,6 +34,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -43,10 +44,10 @@ import torch
 
 import conformance
 import dwa_export
-from dwa_export import DWAHistory, DWAWeights, LossHistoryError
+from dwa_export import DWAHistory, DWAWeights, LossHistoryError, NonFiniteLossWarning
 from dwa_export.runtime import NumpyDWAHistory
 from reference import dwa_weights
-from state_corpus.generate import BASE, V2, partial
+from state_corpus.generate import BASE, EMPTY_LOG, V2, V3, V3_EMPTY_LOG, partial, partial_v3
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCE = ROOT / "tests" / "cpp"
@@ -272,9 +273,13 @@ def plain(value):
     return json.loads(json.dumps(value))
 
 
-def run_python(script: list[str], kind: str = "torch", float64: bool = False, tasks=None) -> list[dict]:
-    """The driver's commands through DWAHistory (kind "torch") or NumpyDWAHistory ("numpy")."""
-    history = DWAHistory(tasks=tasks) if kind == "torch" else NumpyDWAHistory(tasks=tasks)
+def run_python(
+    script: list[str], kind: str = "torch", float64: bool = False, tasks=None, nan_strategy: str = "error"
+) -> list[dict]:
+    """The driver's commands through DWAHistory (kind "torch") or NumpyDWAHistory ("numpy");
+    a step() that warns (NonFiniteLossWarning) gives ``"warned": True``, as the driver does."""
+    cls = DWAHistory if kind == "torch" else NumpyDWAHistory
+    history = cls(tasks=tasks, nan_strategy=nan_strategy)
     np_dtype = np.float64 if float64 else np.float32
 
     def array(values, rows=None, dtype=np_dtype):
@@ -286,7 +291,7 @@ def run_python(script: list[str], kind: str = "torch", float64: bool = False, ta
     for line in script:
         command, values, row_weights, rows, weight = parse_command(line)
         try:
-            result = None
+            result, warned = None, False
             if command == "record":
                 history.record(array(values), weight)
             elif command == "rows":
@@ -294,7 +299,10 @@ def run_python(script: list[str], kind: str = "torch", float64: bool = False, ta
             elif command == "roww":
                 history.record(array(values, rows), array(row_weights, dtype=np.float64))
             elif command == "step":
-                history.step(*values)
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always")
+                    history.step(*values)
+                warned = any(issubclass(w.category, NonFiniteLossWarning) for w in seen)
             elif command == "logw":
                 history.log_weights(values[0], values[1:])
             elif command == "discard":
@@ -313,7 +321,7 @@ def run_python(script: list[str], kind: str = "torch", float64: bool = False, ta
                 history.load_state_dict(json.loads(line.split(" ", 1)[1]))
             else:
                 raise AssertionError(line)
-            out.append({"ok": plain(result)})
+            out.append({"ok": plain(result), "warned": True} if warned else {"ok": plain(result)})
         except LossHistoryError as error:
             out.append({"error": "LossHistoryError", "task": error.task})
         except (ValueError, TypeError):
@@ -346,8 +354,6 @@ def state(base=BASE, **changes) -> str:
     """A state of the shared corpus (tests/state_corpus/generate.py), changed."""
     return json.dumps(dict(base, **changes))
 
-
-EMPTY_LOG = {"batches": [], "weight": [], "averages": [], "temperature": [], "weights": []}
 
 SCRIPT = [
     "inputs",  # K unknown yet
@@ -422,13 +428,18 @@ SCRIPT = [
     "log",
     "load " + state(V2, partial=None, averages=[], log={"batches": [], "weight": [], "averages": []}),
     "state",
+    "load " + state(V3),  # version 3: one row per batch, none left out, no nonfinite_rows in the log
+    "state",
+    "log",
+    "load " + state(V3, partial=None, averages=[], log=V3_EMPTY_LOG),
+    "state",
     "load " + state(partial=partial(world_size=4)),  # the whole group's running epoch: one process takes it
     "state",
     "step",
     "load " + state(version=1),
-    "load " + state(version=4),
+    "load " + state(version=5),
     "load " + state(version=True),
-    "load " + state(version=3.0),
+    "load " + state(version=4.0),
     "load " + state(num_tasks=0),
     "load " + state(num_tasks=2**64),
     "load " + state(num_tasks=1e30),
@@ -437,12 +448,19 @@ SCRIPT = [
     "load " + state(averages=[[1.0, 2.0, 3.0]]),
     "load " + state(partial=partial(weight=-0.5)),
     "load " + state(partial=[None, 1, "float32", 2, 2.0, [0.75, 3.0]]),  # a version-2 partial
+    "load " + state(partial=V3["partial"]),  # a version-3 partial in a version-4 state
+    "load " + state(V3, partial=BASE["partial"]),  # and the other way round
+    "load " + state(partial=partial(rows=2, nonfinite_rows=3)),  # more rows left out than recorded
+    "load " + state(partial=partial(nonfinite_rows=-1)),
+    "load " + state(partial=partial_v3(batches=2)),  # a version-3 partial, 5 long
     "load " + state(partial=partial(rank=0, world_size=2)),  # one rank's part of 2 processes
     "load " + state(partial=partial(rank=1, world_size=2)),
     "load " + state(partial=partial(rank=0)),
     "load " + state(tasks=["a", "a"]),
     "load " + state(log={**EMPTY_LOG, "batches": [1]}),
     "load " + state(log={"batches": [], "weight": [], "averages": []}),  # a version-2 log
+    "load " + state(log=V3_EMPTY_LOG),  # a version-3 log
+    "load " + state(log={**EMPTY_LOG, "nonfinite_rows": [1]}),
     "load " + state(extra=1),
     "load [1, 2]",
     'load {"format": "dwa_export.history", "version": 2, "version": 1}',
@@ -481,6 +499,93 @@ def test_torch_reports_a_bad_row_weight_at_step(binaries):
     assert cpp[1]["error"] == "ValueError" and python[1] == {"ok": None}  # C++ and NumPy refuse it at once
     assert python[2] == {"error": "LossHistoryError", "task": None}  # torch: the epoch's weight sum is NaN
     assert cpp[2] == {"ok": None} and cpp[3]["ok"]["log"]["batches"] == [1]
+
+
+# The same loss stream under each nan_strategy: rows with an infinity or a NaN, rows of weight 0
+# holding them (left out under every strategy: a mask, never 0 * inf), per-sample [B, K] losses
+# with a [B] weight mask, an overflow, and checkpoints with rows left out (of `dtype`).
+def nan_script(dtype: str = "float32") -> list[str]:
+    return [
+        "record 1 2",
+        "record inf 1",
+        "record nan 2 weight=3",
+        "record inf nan weight=0",
+        "rows 3 0.5 1 inf 2 1.5 nan",  # per-sample losses, 2 of 3 rows non-finite
+        "roww 3 2 0 1 1 2 inf nan 3 4",  # a [B] weight mask: the weight-0 row holds inf and NaN
+        "roww 2 0 0 nan inf 1 2",  # weight-0 rows only
+        "state",  # "error": NaN sums, which C++ refuses to write
+        "step 2",  # "error": LossHistoryError; "warn": warns
+        "log",
+        "inputs",
+        "discard",
+        "roww 2 0 1 inf nan 0.5 1.5",  # every non-finite row has weight 0: kept under "error" too
+        "record nan inf weight=0",
+        "rows 2 0.25 1 0.75 2",
+        "state",
+        "step",
+        "record 0.5 1 weight=2",
+        "rows 2 -inf 1 0.25 0.5",
+        "step",
+        "discard",
+        "record 0.5 1",
+        "step",
+        "ready",
+        "inputs",
+        "log",
+        "state",
+        "record inf 1",
+        "record 1 2 weight=0",
+        "step",  # every row with a weight is non-finite: LossHistoryError under every strategy
+        "state",
+        "discard",
+        "roww 1 0 inf inf",
+        "step",  # weight 0 alone: no entry
+        "state",
+        "record 3e38 3e38 weight=1e300",
+        "step",  # finite losses whose sum overflows: LossHistoryError under every strategy
+        "discard",
+        "load " + state(dtype=dtype),  # a running epoch with a row left out, which step() counts ("warn" says so)
+        "step",
+        "log",
+        "load " + state(dtype=dtype, partial=partial(batches=2, rows=4, nonfinite_rows=4, weight=0.0, sums=[0, 0])),
+        "step",  # every row left out
+        "state",
+        "load " + state(V3, dtype=dtype),  # one row per batch, none left out
+        "state",
+        "step",
+        "log",
+    ]
+
+
+@pytest.mark.parametrize("nan_strategy", ["error", "warn", "ignore"])
+def test_the_header_follows_the_python_nan_strategy(binaries, nan_strategy):
+    for dtype, args in (("float32", ()), ("float64", ("float64",))):
+        script, float64 = nan_script(dtype), dtype == "float64"
+        cpp = run_driver(binaries, script, *args, f"nan={nan_strategy}")
+        for kind in ("torch", "numpy"):
+            assert_same(script, cpp, run_python(script, kind, float64=float64, nan_strategy=nan_strategy))
+    # What the three agree on (float64 here, the last run), by hand:
+    at = {line: i for i, line in reversed(list(enumerate(script)))}  # each command's first index
+    warned = [script[i] for i, result in enumerate(cpp) if result.get("warned")]
+    assert warned == (["step 2", "step", "step"] if nan_strategy == "warn" else []), warned
+    if nan_strategy == "error":
+        assert cpp[at["state"]]["error"] == "DomainError"  # NaN sums: the weight-0 rows added none
+        assert cpp[at["step 2"]] == {"error": "LossHistoryError", "task": 0, "message": cpp[at["step 2"]]["message"]}
+    else:  # 12 rows, 4 left out (the weight-0 ones are not counted), weight 1 + 1 + 2 + 1
+        assert cpp[at["state"]]["ok"]["partial"] == [None, 1, 7, 12, 4, 5.0, [6.5, 11.0]]
+        assert cpp[at["log"]]["ok"][0] == {
+            "epoch": 0, "averages": [1.3, 2.2], "batches": 7, "weight": 5.0, "temperature": 2.0, "weights": None,
+            "nonfinite_rows": 4,
+        }  # fmt: skip
+    every_row_left_out = script.index("record 1 2 weight=0") + 1
+    assert cpp[every_row_left_out]["error"] == "LossHistoryError"
+    assert cpp[every_row_left_out]["task"] == (0 if nan_strategy == "error" else None)
+    assert cpp[script.index("roww 1 0 inf inf") + 1] == {"ok": None}
+    assert cpp[script.index("record 3e38 3e38 weight=1e300") + 1]["task"] == 0
+    loaded = script.index("load " + state(dtype="float64"))
+    assert cpp[loaded + 2]["ok"][-1]["nonfinite_rows"] == 1 and cpp[loaded + 4]["task"] is None
+    assert cpp[-3]["ok"]["partial"] == [None, 1, 3, 3, 0, 3.0, [0.75, 3.0]]  # version 3
+    assert cpp[-1]["ok"][-1]["nonfinite_rows"] == 0
 
 
 def test_named_float64_histories_agree_too(binaries):

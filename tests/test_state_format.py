@@ -20,13 +20,21 @@ import math
 import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dwa_export import DWAHistory
 from dwa_export.runtime import NumpyDWAHistory
-from test_cpp import binaries, inputs_as_written  # noqa: F401  (binaries: the shared, cached C++ build)
+from test_cpp import (  # noqa: F401  (binaries: the shared, cached C++ build)
+    assert_same,
+    binaries,
+    inputs_as_written,
+    nan_script,
+    run_driver,
+    run_python,
+)
 
 CORPUS = Path(__file__).parent / "state_corpus"
 CASES = sorted(CORPUS.glob("*/*.json"))
@@ -139,12 +147,13 @@ anything = st.recursive(
 
 @st.composite
 def states(draw) -> dict:
-    """A valid state, version 3 or 2 (K from 1 to 4), with or without a running epoch, names and log.
+    """A valid state, version 4 mostly, else 3 or 2 (K from 1 to 4), with or without a running epoch,
+    names and log.
 
     Its partial weight may be NaN or infinite and its sums anything: some are not strict JSON.
     """
     k = draw(st.integers(1, 4))
-    version = draw(st.sampled_from([3, 3, 2]))
+    version = draw(st.sampled_from([4, 4, 4, 3, 2]))
     sign = draw(st.sampled_from([1.0, -1.0]))
     positive = st.floats(min_value=1e-6, max_value=1e6)
     average = st.lists(positive.map(lambda v: sign * v), min_size=k, max_size=k)
@@ -157,6 +166,7 @@ def states(draw) -> dict:
             st.just(None),  # the whole group's: what one process can take
             st.integers(1, 4),
             st.integers(1, 2**53),
+            st.integers(0, 2**53).flatmap(lambda rows: st.tuples(st.just(rows), st.integers(0, rows))),
             st.floats(min_value=0) | st.just(math.nan),
             st.lists(st.floats(), min_size=k, max_size=k),
         ).map(list)
@@ -173,11 +183,15 @@ def states(draw) -> dict:
         "tasks": draw(st.none() | st.just([f"t{i}" for i in range(k)])),
         "averages": log_averages[-2:],
     }
+    if partial is not None:  # [rank, world_size, batches, (rows, nonfinite_rows), weight, sums]
+        partial = [*partial[:3], *partial[3], *partial[4:]] if version == 4 else [*partial[:3], *partial[4:]]
     if version == 2:
         return {**state, "partial": partial and [*partial[:2], dtype, *partial[2:]], "log": log}
     weights = st.lists(st.floats(min_value=0, max_value=10), min_size=k, max_size=k)
     log["temperature"] = draw(st.lists(st.none() | st.floats(min_value=1e-3, max_value=1e3), min_size=n, max_size=n))
     log["weights"] = draw(st.lists(st.none() | weights, min_size=n, max_size=n))
+    if version == 4:
+        log["nonfinite_rows"] = draw(st.lists(st.integers(0, 10**6), min_size=n, max_size=n))
     return {**state, "dtype": dtype, "partial": partial, "log": log}
 
 
@@ -261,24 +275,38 @@ def test_generated_mutated_states_get_the_same_verdict_everywhere(binaries, text
 # --------------------------------------------------------------------------- what a history writes reloads
 
 
+@pytest.mark.filterwarnings("ignore::dwa_export.NonFiniteLossWarning")  # nan_strategy="warn"
 @settings(max_examples=15, deadline=None)
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["record", "rows", "weighted", "per_row", "step", "tstep", "discard"]),
+            st.sampled_from(
+                ["record", "rows", "weighted", "per_row", "step", "tstep", "discard", "nonfinite", "masked"]
+            ),
             st.lists(st.floats(0.25, 100.0, width=32), min_size=6, max_size=6),
             st.sampled_from([torch.float32, torch.float64]),
         ),
         max_size=25,
-    )
+    ),
+    st.sampled_from(["error", "warn", "ignore"]),
 )
-def test_a_state_any_history_writes_reloads_in_all_three(binaries, steps):  # noqa: F811
-    torch_history, numpy_history = DWAHistory(num_tasks=3), NumpyDWAHistory(num_tasks=3)
+def test_a_state_any_history_writes_reloads_in_all_three(binaries, steps, nan_strategy):  # noqa: F811
+    torch_history = DWAHistory(num_tasks=3, nan_strategy=nan_strategy)
+    numpy_history = NumpyDWAHistory(num_tasks=3, nan_strategy=nan_strategy)
     texts = []
     for command, values, dtype in steps:
         losses = torch.tensor(values, dtype=dtype)
+        bad = losses.clone()
+        bad[1], bad[3] = (math.inf, math.nan) if values[0] < 50 else (math.nan, values[3])  # 1 or 2 rows
         try:
-            if command == "record":
+            if command == "nonfinite":
+                torch_history.record(bad.view(2, 3))
+                numpy_history.record(bad.view(2, 3).numpy())
+            elif command == "masked":  # the weight-0 row holds the NaN or infinity
+                masked, row_weights = torch.cat((bad[:3], losses[3:])), torch.tensor([0.0, values[5]]).double()
+                torch_history.record(masked.view(2, 3), row_weights)
+                numpy_history.record(masked.view(2, 3).numpy(), row_weights.numpy())
+            elif command == "record":
                 torch_history.record(losses[:3])
                 numpy_history.record(losses[:3].numpy())
             elif command == "rows":
@@ -305,7 +333,36 @@ def test_a_state_any_history_writes_reloads_in_all_three(binaries, steps):  # no
         except (ValueError, RuntimeError):  # e.g. a sign change, or log_weights() on an empty log: both alike
             torch_history.discard_epoch()
             numpy_history.discard_epoch()
-        assert torch_history.state_dict() == numpy_history.state_dict()
-        texts.append(json.dumps(torch_history.state_dict()).encode())
+        text = json.dumps(torch_history.state_dict()).encode()  # as text: NaN sums (nan_strategy "error")
+        assert text == json.dumps(numpy_history.state_dict()).encode()
+        texts.append(text)
     if texts:
         assert all(assert_agree(texts, binaries))
+
+
+@pytest.mark.parametrize("nan_strategy", ["error", "warn", "ignore"])
+def test_states_written_under_each_nan_strategy_resume_everywhere(binaries, nan_strategy):  # noqa: F811
+    # The states tests/test_cpp.py's nan_script() has each history write (rows left out, weight-0 rows,
+    # NaN sums under "error") load alike in all three, and each resumes in every other: the same step().
+    texts = []
+    for dtype, args in (("float32", ()), ("float64", ("float64",))):
+        script = nan_script(dtype)
+        runs = [run_driver(binaries, script, *args, f"nan={nan_strategy}")]
+        runs += [run_python(script, kind, dtype == "float64", nan_strategy=nan_strategy) for kind in ("torch", "numpy")]
+        for run in runs:
+            texts += [json.dumps(result["ok"]).encode() for line, result in zip(script, run, strict=True)
+                      if line == "state" and "ok" in result]  # fmt: skip
+    assert len(texts) == 3 * 2 * 7 - (4 if nan_strategy == "error" else 0)  # C++ writes no NaN or inf sums
+    assert all(assert_agree(texts, binaries))
+    warned = 0
+    for dtype, args in (("float32", ()), ("float64", ("float64",))):  # History or History64
+        resume = [f"{command} {text.decode()}" if command == "load" else command
+                  for text in texts if strict(text) and json.loads(text)["dtype"] == dtype
+                  for command in ("load", "step", "log", "state")]  # fmt: skip
+        cpp = run_driver(binaries, resume, *args, f"nan={nan_strategy}")
+        for kind in ("torch", "numpy"):
+            assert_same(resume, cpp, run_python(resume, kind, dtype == "float64", nan_strategy=nan_strategy))
+        warned += sum(result.get("warned", False) for result in cpp)
+    # The one resumed epoch with rows left out whose step() succeeds: the first mid-epoch state,
+    # from each of 3 writers in 2 precisions.
+    assert warned == (6 if nan_strategy == "warn" else 0)

@@ -2,7 +2,9 @@
 // command, so that tests/test_cpp.py can replay the same script through the
 // Python DWAHistory and NumpyDWAHistory and compare results, states and error kinds.
 //
-//   history_driver [float64] [tasks=a,b,c]   float64: dwa::History64; tasks: named tasks
+//   history_driver [float64] [tasks=a,b,c] [nan=error|warn|ignore]
+//                                            float64: dwa::History64; tasks: named tasks;
+//                                            nan: the NanStrategy (kError by default)
 //   history_driver loader                    states on stdin, each "<byte count>\n<bytes>", loaded into a
 //                                            fresh dwa::History, else a fresh dwa::History64; prints
 //                                            {"ok": <state>, "inputs": ...} or {"error": message}
@@ -15,7 +17,8 @@
 //           discard | reset | inputs | ready | state | log | load <json>
 // Numbers are read with strtod (nan, inf and hex floats too); inputs() are written with
 // "inf", "-inf" and "nan" as strings. Out, per command:
-//   {"ok": result} or {"error": kind, "message": ...} with kind
+//   {"ok": result}, with "warned": true after a step() that wrote to std::cerr (NanStrategy::kWarn),
+//   or {"error": kind, "message": ...} with kind
 //   LossHistoryError (and "task": t or null), ValueError (std::invalid_argument),
 //   RuntimeError (std::runtime_error), or DomainError (std::domain_error: state_dict()
 //   of an epoch whose sums are not finite, which Python's json can write and strict JSON cannot).
@@ -75,13 +78,28 @@ Json log(const std::vector<dwa::LogEntry>& entries) {  // as Python's history.lo
                    {"batches", entry.batches},
                    {"weight", entry.weight},
                    {"temperature", entry.temperature ? Json(*entry.temperature) : Json()},
-                   {"weights", entry.weights ? Json(*entry.weights) : Json()}});
+                   {"weights", entry.weights ? Json(*entry.weights) : Json()},
+                   {"nonfinite_rows", entry.nonfinite_rows}});
   }
   return out;
 }
 
+// Holds what std::cerr gets while it lives (what step() writes under NanStrategy::kWarn).
+class CerrCapture {
+ public:
+  CerrCapture() : previous_(std::cerr.rdbuf(captured_.rdbuf())) {}
+  ~CerrCapture() { std::cerr.rdbuf(previous_); }
+  CerrCapture(const CerrCapture&) = delete;
+  CerrCapture& operator=(const CerrCapture&) = delete;
+  std::string text() const { return captured_.str(); }
+
+ private:
+  std::ostringstream captured_;
+  std::streambuf* previous_;
+};
+
 template <typename Scalar>
-Json run(dwa::BasicHistory<Scalar>& history, const std::string& line) {
+Json run(dwa::BasicHistory<Scalar>& history, const std::string& line, bool& warned) {
   std::istringstream stream(line);
   std::string command;
   stream >> command;
@@ -108,7 +126,9 @@ Json run(dwa::BasicHistory<Scalar>& history, const std::string& line) {
       history.record(values.data(), rows, values.size() / rows, weight);
   } else if (command == "step") {
     if (words.size() > 1) throw BadScript();
+    const CerrCapture capture;
     history.step(words.empty() ? std::nullopt : std::optional<double>(read_number(words[0])));
+    warned = !capture.text().empty();
   } else if (command == "logw") {
     std::vector<double> weights;
     for (std::size_t i = 1; i < words.size(); ++i) weights.push_back(read_number(words[i]));
@@ -138,7 +158,9 @@ int drive(dwa::BasicHistory<Scalar> history) {
   for (std::string line; std::getline(std::cin, line);) {
     Json out;
     try {
-      out = {{"ok", run(history, line)}};
+      bool warned = false;
+      out = {{"ok", run(history, line, warned)}};
+      if (warned) out["warned"] = true;
     } catch (const dwa::LossHistoryError& error) {
       out = {{"error", "LossHistoryError"}, {"task", error.task ? Json(*error.task) : Json()}, {"message", error.what()}};
     } catch (const std::domain_error& error) {
@@ -189,10 +211,15 @@ int main(int argc, char** argv) {
     if (argc == 2 && std::string(argv[1]) == "loader") return loader();
     bool float64 = false;
     std::vector<std::string> tasks;
+    dwa::NanStrategy nan = dwa::NanStrategy::kError;
     for (int i = 1; i < argc; ++i) {
       const std::string arg = argv[i];
       if (arg == "float64") {
         float64 = true;
+      } else if (arg == "nan=error" || arg == "nan=warn" || arg == "nan=ignore") {
+        nan = arg == "nan=error" ? dwa::NanStrategy::kError
+              : arg == "nan=warn" ? dwa::NanStrategy::kWarn
+                                  : dwa::NanStrategy::kIgnore;
       } else if (arg.rfind("tasks=", 0) == 0) {
         std::stringstream names(arg.substr(6));
         for (std::string name; std::getline(names, name, ',');) tasks.push_back(name);
@@ -200,8 +227,8 @@ int main(int argc, char** argv) {
         throw BadScript();
       }
     }
-    if (float64) return tasks.empty() ? drive(dwa::History64()) : drive(dwa::History64(tasks));
-    return tasks.empty() ? drive(dwa::History()) : drive(dwa::History(tasks));
+    if (float64) return tasks.empty() ? drive(dwa::History64(0, nan)) : drive(dwa::History64(tasks, nan));
+    return tasks.empty() ? drive(dwa::History(0, nan)) : drive(dwa::History(tasks, nan));
   } catch (const std::exception& error) {
     std::cerr << "history_driver: " << error.what() << "\n";
     return 2;

@@ -2,8 +2,8 @@
 // nlohmann/json >= 3.10 (Debian/Ubuntu: nlohmann-json3-dev; CMake: find_package(nlohmann_json 3.10),
 // link nlohmann_json::nlohmann_json). Folder: python -c "import dwa_export; print(dwa_export.include_dir())"
 //
-// The rules and the checkpoints (state format version 3) of dwa_export.DWAHistory and
-// NumpyDWAHistory: checkpoints move between C++, Python and NumPy.
+// The rules and the checkpoints (state format version 4; versions 2 and 3 load too) of
+// dwa_export.DWAHistory and NumpyDWAHistory: checkpoints move between C++, Python and NumPy.
 //
 //     dwa::History history;                       // float losses and inputs(); dwa::History64: double
 //     history.record(losses_of_this_batch);       // std::vector<float> of K losses
@@ -16,6 +16,17 @@
 // rejects an average that is NaN or infinite, zero, or of another sign than the previous
 // epoch's. A call that throws changes nothing. For bit parity with Python on targets with
 // fused multiply-add, compile with -ffp-contract=off (GCC's default with -std=c++17, not gnu++17).
+//
+// NaN and infinite losses (nan_strategy in Python): a row of weight 0 is left out under every
+// strategy, whatever its losses (a mask: 0 * inf would be NaN). Then, for a row of K losses
+// holding a NaN or an infinity (e.g. a batch that overflowed under mixed precision):
+//   NanStrategy::kError (the default): summed like any row, so step() throws LossHistoryError;
+//   NanStrategy::kIgnore: left out of the epoch (all K losses and its weight) and counted;
+//   NanStrategy::kWarn: as kIgnore, and step() then writes one line saying how many to std::cerr
+//     (C++ has no warnings; redirect std::cerr.rdbuf() to catch it, or use kIgnore).
+// LogEntry::nonfinite_rows holds the count. step() throws when every row with a weight was left out.
+//
+//     dwa::History history(0, dwa::NanStrategy::kIgnore);  // K from the first record()
 #pragma once
 
 #include <nlohmann/json.hpp>
@@ -24,6 +35,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <iostream>
 #include <limits>
 #include <optional>
 #include <set>
@@ -38,6 +50,9 @@
 #endif
 
 namespace dwa {
+
+// What a row of K losses holding a NaN or an infinity does; see the top of this file.
+enum class NanStrategy { kError, kWarn, kIgnore };
 
 // An epoch that DWA cannot use, thrown by step(); nothing was changed.
 class LossHistoryError : public std::invalid_argument {
@@ -57,16 +72,17 @@ class LossHistoryError : public std::invalid_argument {
 // temperature and weights computed from it (step(temperature), log_weights()).
 struct LogEntry {
   std::int64_t batches = 0;
-  double weight = 0.0;
+  double weight = 0.0;  // of the rows kept
   std::vector<double> averages;
   std::optional<double> temperature;
   std::optional<std::vector<double>> weights;
+  std::int64_t nonfinite_rows = 0;  // rows left out for a NaN or infinite loss (kWarn, kIgnore)
 };
 
 constexpr std::int64_t kMaxTasks = std::int64_t{1} << 20;
 constexpr std::int64_t kMaxWorldSize = std::int64_t{1} << 24;
 constexpr std::int64_t kMaxCount = std::int64_t{1} << 53;
-constexpr int kStateVersion = 3;
+constexpr int kStateVersion = 4;
 
 namespace detail {
 
@@ -134,9 +150,11 @@ struct Problem {
   std::size_t task;
   std::string reason;
 };
-inline std::optional<Problem> bad_average(const std::vector<double>& average, const std::vector<double>* previous) {
+// `nonfinite` says how a NaN or infinite average came about.
+inline std::optional<Problem> bad_average(const std::vector<double>& average, const std::vector<double>* previous,
+                                          const char* nonfinite = "a NaN or infinite loss was recorded") {
   for (std::size_t k = 0; k < average.size(); ++k) {
-    if (!std::isfinite(average[k])) return Problem{k, cat("is ", average[k], ": a NaN or infinite loss was recorded")};
+    if (!std::isfinite(average[k])) return Problem{k, cat("is ", average[k], ": ", nonfinite)};
     if (average[k] == 0.0) return Problem{k, "is 0: DWA divides by it; offset the loss away from zero"};
     if (previous && (average[k] > 0.0) != ((*previous)[k] > 0.0))
       return Problem{k, cat("changed sign from ", (*previous)[k], " to ", average[k], ": DWA needs one sign per task")};
@@ -164,9 +182,11 @@ inline bool valid_names(const std::vector<std::string>& names) {
 
 // The running epoch: what was recorded since the last step().
 struct Epoch {
-  std::int64_t batches = 0;
-  double weight = 0.0;
-  std::vector<double> sums;
+  std::int64_t batches = 0;         // record() calls
+  std::int64_t rows = 0;            // the rows of K losses in them
+  std::int64_t nonfinite_rows = 0;  // of those, left out for a NaN or infinite loss
+  double weight = 0.0;              // the weight sum of the rows kept
+  std::vector<double> sums;         // their weighted loss sums
 };
 
 // ------------------------------------------------------------------ reading a state
@@ -246,28 +266,38 @@ inline void check_chain(const std::vector<std::vector<double>>& chain, const std
                                       problem->reason));
 }
 
-inline void parse_partial(const Json& partial, bool v2, State& out) {
+// Version 3 counted no rows: its running epoch reads as one row per batch, none left out.
+// Version 2 also held the dtype third.
+inline void parse_partial(const Json& partial, int version, State& out) {
   if (partial.is_null()) return;
-  if (!partial.is_array() || partial.size() != (v2 ? 6u : 5u))
-    bad_state("'partial'", partial, v2 ? "null or [rank, world_size, dtype, batches, weight, sums]"
-                                       : "null or [rank, world_size, batches, weight, sums]");
+  const char* layout = version == 2   ? "null or [rank, world_size, dtype, batches, weight, sums]"
+                       : version == 3 ? "null or [rank, world_size, batches, weight, sums]"
+                                      : "null or [rank, world_size, batches, rows, nonfinite_rows, weight, sums]";
+  if (!partial.is_array() || partial.size() != (version == 2 ? 6u : version == 3 ? 5u : 7u))
+    bad_state("'partial'", partial, layout);
   out.world_size = count(partial[1], "the world_size in 'partial'", 1, kMaxWorldSize);
   if (!partial[0].is_null()) {
     if (out.world_size == 1) bad_state("the rank in 'partial'", partial[0], "null with world_size 1");
     out.rank = count(partial[0], "the rank in 'partial'", 0, out.world_size - 1);
   }
-  const std::size_t at = v2 ? 3 : 2;
-  if (v2) out.dtype = dtype(partial[2], "the dtype in 'partial'");
-  out.epoch.batches = count(partial[at], "the batch count in 'partial'", 1, kMaxCount);
-  out.epoch.weight = number(partial[at + 1], "the weight in 'partial'", "a number >= 0") + 0.0;  // -0.0 is 0.0
-  if (out.epoch.weight < 0.0) bad_state("the weight in 'partial'", partial[at + 1], "a number >= 0");
+  std::size_t at = 2;
+  if (version == 2) out.dtype = dtype(partial[at++], "the dtype in 'partial'");
+  out.epoch.batches = out.epoch.rows = count(partial[at++], "the batch count in 'partial'", 1, kMaxCount);
+  if (version == 4) {
+    out.epoch.rows = count(partial[at++], "the row count in 'partial'", 0, kMaxCount);
+    out.epoch.nonfinite_rows = count(partial[at++], "the nonfinite_rows in 'partial'", 0, out.epoch.rows);
+  }
+  out.epoch.weight = number(partial[at], "the weight in 'partial'", "a number >= 0") + 0.0;  // -0.0 is 0.0
+  if (out.epoch.weight < 0.0) bad_state("the weight in 'partial'", partial[at], "a number >= 0");
   need_tasks(out.num_tasks, "'partial'", partial);
-  out.epoch.sums = numbers(partial[at + 2], out.num_tasks, "the sums in 'partial'");
+  out.epoch.sums = numbers(partial[at + 1], out.num_tasks, "the sums in 'partial'");
 }
 
-inline void parse_log(const Json& log, bool v2, State& out) {
+// Version 3 had no nonfinite_rows (0 each), version 2 no temperatures and weights either.
+inline void parse_log(const Json& log, int version, State& out) {
   std::vector<std::string> keys = {"batches", "weight", "averages"};
-  if (!v2) keys.insert(keys.end(), {"temperature", "weights"});
+  if (version >= 3) keys.insert(keys.end(), {"temperature", "weights"});
+  if (version == 4) keys.emplace_back("nonfinite_rows");
   check_keys(log, keys, "'log'");
   const std::size_t n = log["batches"].is_array() ? log["batches"].size() : 0;
   for (const auto& key : keys)
@@ -281,24 +311,27 @@ inline void parse_log(const Json& log, bool v2, State& out) {
     entry.weight = finite(log["weight"][i], field("weight"));
     entry.averages = numbers(log["averages"][i], out.num_tasks, field("averages"));
     chain.push_back(entry.averages);
-    if (!v2 && !log["temperature"][i].is_null()) entry.temperature = finite(log["temperature"][i], field("temperature"));
-    if (!v2 && !log["weights"][i].is_null()) {
+    if (version >= 3 && !log["temperature"][i].is_null())
+      entry.temperature = finite(log["temperature"][i], field("temperature"));
+    if (version >= 3 && !log["weights"][i].is_null()) {
       entry.weights = numbers(log["weights"][i], out.num_tasks, field("weights"));
       for (const Json& weight : log["weights"][i]) finite(weight, field("weights"), /*zero_too=*/true);
     }
+    if (version == 4) entry.nonfinite_rows = count(log["nonfinite_rows"][i], field("nonfinite_rows"), 0, kMaxCount);
     out.log.push_back(std::move(entry));
   }
   check_chain(chain, "log averages");
 }
 
-// Validates a whole state, version 2 or 3, changing nothing.
+// Validates a whole state, version 2, 3 or 4, changing nothing.
 inline State parse_state(const Json& state) {
   if (!state.is_object()) bad_state("the state", state, "a JSON object");
   const Json& format = state.contains("format") ? state["format"] : Json();
   if (format != "dwa_export.history") bad_state("'format'", format, "\"dwa_export.history\"");
-  const Json& version = state.contains("version") ? state["version"] : Json();
-  if (!version.is_number_integer() || (version != 2 && version != 3))
-    bad_state("'version'", version, "2 or 3: this release reads state format versions 2 and 3");
+  const Json& field = state.contains("version") ? state["version"] : Json();
+  if (!field.is_number_integer() || (field != 2 && field != 3 && field != 4))
+    bad_state("'version'", field, "2, 3 or 4: this release reads state format versions 2 to 4");
+  const int version = field.get<int>();
   const bool v2 = version == 2;
   std::vector<std::string> keys = {"format", "version", "num_tasks", "tasks", "averages", "partial", "log"};
   if (!v2) keys.push_back("dtype");
@@ -322,8 +355,8 @@ inline State parse_state(const Json& state) {
   if (!averages.empty()) need_tasks(out.num_tasks, "'averages'", averages);
   for (const Json& average : averages) out.averages.push_back(numbers(average, out.num_tasks, "'averages'"));
   check_chain(out.averages, "averages");
-  parse_partial(state["partial"], v2, out);
-  parse_log(state["log"], v2, out);
+  parse_partial(state["partial"], version, out);
+  parse_log(state["log"], version, out);
   return out;
 }
 
@@ -336,15 +369,17 @@ class BasicHistory {
   static_assert(std::is_same_v<Scalar, float> || std::is_same_v<Scalar, double>, "Scalar must be float or double");
 
  public:
-  // num_tasks: K, or 0 to let the first record() fix it.
-  explicit BasicHistory(std::int64_t num_tasks = 0) {
+  // num_tasks: K, or 0 to let the first record() fix it. nan_strategy: see the top of this file.
+  explicit BasicHistory(std::int64_t num_tasks = 0, NanStrategy nan_strategy = NanStrategy::kError)
+      : nan_strategy_(nan_strategy) {
     if (num_tasks < 0 || num_tasks > kMaxTasks)
       throw std::invalid_argument(detail::cat("num_tasks must be from 0 (learn K from the first record()) to ",
                                               kMaxTasks, ", got ", num_tasks));
     fixed_num_tasks_ = num_tasks_ = static_cast<std::size_t>(num_tasks);
   }
   // Named tasks (fixes K); saved in checkpoints, which must then have the same names.
-  explicit BasicHistory(std::vector<std::string> tasks) {
+  explicit BasicHistory(std::vector<std::string> tasks, NanStrategy nan_strategy = NanStrategy::kError)
+      : nan_strategy_(nan_strategy) {
     if (tasks.empty() || tasks.size() > static_cast<std::size_t>(kMaxTasks) || !detail::valid_names(tasks))
       throw std::invalid_argument(detail::cat("task names must be 1 to ", kMaxTasks,
                                               " distinct non-empty UTF-8 strings, got ", detail::Json(tasks)));
@@ -359,6 +394,7 @@ class BasicHistory {
   bool ready() const { return averages_.size() == 2; }  // past the warm-up
   const std::vector<std::vector<double>>& averages() const { return averages_; }  // at most 2, oldest first
   const std::vector<LogEntry>& log() const { return log_; }  // one entry per step() since the last reset()
+  NanStrategy nan_strategy() const { return nan_strategy_; }
 
   // Adds one batch: `rows` rows of `num_tasks` losses (row-major). A number
   // weight weighs a single row (e.g. the batch size); without one, rows count once each.
@@ -387,30 +423,40 @@ class BasicHistory {
   }
 
   // Closes the epoch: averages what was recorded and rolls the history; a no-op
-  // when nothing was recorded, and drops only zero-weight batches. `temperature`
-  // (DWA's, if any) goes into the log entry. Throws LossHistoryError, changing nothing.
+  // when nothing was recorded, and drops zero-weight rows alone without an entry.
+  // `temperature` (DWA's, if any) goes into the log entry. Throws LossHistoryError,
+  // changing nothing; under NanStrategy::kWarn writes a line to std::cerr when rows were left out.
   void step(std::optional<double> temperature = std::nullopt) {
     if (temperature) detail::check_temperature(*temperature);
     if (epoch_.batches == 0) return;
-    if (epoch_.weight == 0.0) return discard_epoch();
     const std::vector<double>* previous = averages_.empty() ? nullptr : &averages_.back();
     const auto fail = [&](const std::string& message, std::optional<std::size_t> task, std::vector<double> values) {
       throw LossHistoryError(detail::cat(message, ". Nothing was changed: call discard_epoch() to drop this epoch's "
                                                   "batches, or reset() to restart the warm-up"),
                              task, std::move(values), previous ? std::optional(*previous) : std::nullopt);
     };
-    if (!(std::isfinite(epoch_.weight) && epoch_.weight > 0.0))
-      fail(detail::cat("the batch weights of this epoch sum to ", epoch_.weight, ", not a finite number > 0"),
+    if (!(std::isfinite(epoch_.weight) && epoch_.weight >= 0.0))
+      fail(detail::cat("the batch weights of this epoch sum to ", epoch_.weight, ", not a finite number >= 0"),
            std::nullopt, epoch_.sums);
+    if (epoch_.weight == 0.0 && epoch_.nonfinite_rows > 0)
+      fail(detail::cat("every row of this epoch's losses that had a weight held a NaN or infinite loss (",
+                       epoch_.nonfinite_rows, " of ", epoch_.rows, " rows; the others had weight 0), so there is "
+                       "no epoch average"),
+           std::nullopt, epoch_.sums);
+    if (epoch_.weight == 0.0) return discard_epoch();
     std::vector<double> average(epoch_.sums.size());
     for (std::size_t k = 0; k < average.size(); ++k) average[k] = epoch_.sums[k] / epoch_.weight;
-    if (const auto problem = detail::bad_average(average, previous))
+    if (const auto problem = detail::bad_average(average, previous, nonfinite_cause().c_str()))
       fail(detail::cat("the epoch-average loss of task ", problem->task, " ", problem->reason, " (all tasks: ",
                        average, ")"),
            problem->task, average);
-    log_.push_back({epoch_.batches, epoch_.weight, average, temperature, std::nullopt});
+    log_.push_back({epoch_.batches, epoch_.weight, average, temperature, std::nullopt, epoch_.nonfinite_rows});
     averages_.push_back(std::move(average));
     if (averages_.size() > 2) averages_.erase(averages_.begin());
+    if (nan_strategy_ == NanStrategy::kWarn && epoch_.nonfinite_rows > 0)
+      std::cerr << detail::cat("dwa::History::step(): ", epoch_.nonfinite_rows, " of this epoch's ", epoch_.rows,
+                               " rows of K losses held a NaN or infinite loss and were left out of its average "
+                               "(NanStrategy::kWarn; kIgnore leaves them out without this line)\n");
     discard_epoch();
   }
 
@@ -432,7 +478,7 @@ class BasicHistory {
   void discard_epoch() {
     std::fill(epoch_.sums.begin(), epoch_.sums.end(), 0.0);
     epoch_.weight = 0.0;
-    epoch_.batches = 0;
+    epoch_.batches = epoch_.rows = epoch_.nonfinite_rows = 0;
   }
 
   // Forgets everything: the history, the log, this epoch and a K (or names) not given to the constructor.
@@ -458,7 +504,7 @@ class BasicHistory {
     return {cast(averages_[1]), cast(averages_[0])};
   }
 
-  // The whole state, mid-epoch included, as JSON (state format version 3).
+  // The whole state, mid-epoch included, as JSON (state format version 4).
   // Throws std::domain_error if this epoch's sums or weight are not finite,
   // which strict JSON cannot hold: step() rejects such an epoch; discard_epoch() drops it.
   std::string state_dict() const {
@@ -471,16 +517,18 @@ class BasicHistory {
         throw std::domain_error(detail::cat("state_dict(): this epoch's weight (", epoch_.weight, ") or sums (",
                                             epoch_.sums, ") are not finite, which JSON cannot hold; step() "
                                             "rejects this epoch: call discard_epoch() first"));
-      partial = Out::array({nullptr, 1, epoch_.batches, epoch_.weight, epoch_.sums});
+      partial = Out::array(
+          {nullptr, 1, epoch_.batches, epoch_.rows, epoch_.nonfinite_rows, epoch_.weight, epoch_.sums});
     }
-    Out log = {{"batches", Out::array()}, {"weight", Out::array()}, {"averages", Out::array()},
-               {"temperature", Out::array()}, {"weights", Out::array()}};
+    Out log = {{"batches", Out::array()},     {"weight", Out::array()},  {"averages", Out::array()},
+               {"temperature", Out::array()}, {"weights", Out::array()}, {"nonfinite_rows", Out::array()}};
     for (const LogEntry& entry : log_) {
       log["batches"].push_back(entry.batches);
       log["weight"].push_back(entry.weight);
       log["averages"].push_back(entry.averages);
       log["temperature"].push_back(entry.temperature ? Out(*entry.temperature) : Out());
       log["weights"].push_back(entry.weights ? Out(*entry.weights) : Out());
+      log["nonfinite_rows"].push_back(entry.nonfinite_rows);
     }
     return Out{{"format", "dwa_export.history"}, {"version", kStateVersion},
                {"num_tasks", num_tasks_ ? Out(num_tasks_) : Out()}, {"tasks", tasks_ ? Out(*tasks_) : Out()},
@@ -488,7 +536,7 @@ class BasicHistory {
         .dump();
   }
 
-  // Restores a state_dict() from C++, Python or NumPy (version 2 or 3). Throws
+  // Restores a state_dict() from C++, Python or NumPy (version 2, 3 or 4). Throws
   // std::invalid_argument naming the field, the value and what was expected,
   // changing nothing, if the state is malformed or does not fit this history.
   void load_state_dict(const std::string& text) {
@@ -532,26 +580,54 @@ class BasicHistory {
       throw std::invalid_argument(detail::cat("losses have ", num_tasks, " tasks, more than ", kMaxTasks));
   }
 
-  // sums[k] += sum_r loss[r][k] * w_r, weight += sum_r w_r, in double; w_r = 1 without weights
-  // (exact: the same sums). Each product is its own statement, never fused into the add.
+  // sums[k] += sum_r loss[r][k] * w_r, weight += sum_r w_r, in double, over the rows kept; w_r = 1
+  // without weights (exact: the same sums). A row is left out when w_r is 0 (a mask, not a product:
+  // 0 * inf is NaN) and, but under kError, when one of its losses is NaN or infinite (counted).
+  // Each product is its own statement, never fused into the add.
   void add(const Scalar* losses, std::size_t rows, std::size_t num_tasks, const double* row_weights) {
     check_batch(rows, num_tasks);
     num_tasks_ = num_tasks;
     if (epoch_.sums.size() != num_tasks) epoch_.sums.assign(num_tasks, 0.0);
+    std::vector<double> batch(num_tasks, 0.0);  // this batch's sums, added to the epoch's as a whole
     double total = 0.0;
-    for (std::size_t r = 0; r < rows; ++r) total += row_weights ? row_weights[r] : 1.0;
-    for (std::size_t k = 0; k < num_tasks; ++k) {
-      double weighted = 0.0;
-      for (std::size_t r = 0; r < rows; ++r) {
-        const double product = static_cast<double>(losses[r * num_tasks + k]) * (row_weights ? row_weights[r] : 1.0);
-        weighted += product;
+    std::int64_t left_out = 0;
+    for (std::size_t r = 0; r < rows; ++r) {
+      const Scalar* row = losses + r * num_tasks;
+      const double weight = row_weights ? row_weights[r] : 1.0;
+      if (weight == 0.0) continue;
+      if (nan_strategy_ != NanStrategy::kError &&
+          !std::all_of(row, row + num_tasks, [](Scalar loss) { return std::isfinite(loss); })) {
+        ++left_out;
+        continue;
       }
-      epoch_.sums[k] += weighted;
+      total += weight;
+      for (std::size_t k = 0; k < num_tasks; ++k) {
+        const double product = static_cast<double>(row[k]) * weight;
+        batch[k] += product;
+      }
     }
+    for (std::size_t k = 0; k < num_tasks; ++k) epoch_.sums[k] += batch[k];
     epoch_.weight += total;
+    epoch_.rows += static_cast<std::int64_t>(rows);
+    epoch_.nonfinite_rows += left_out;
     ++epoch_.batches;
   }
 
+  // How an average came to be NaN or infinite, for step()'s message. |sum| <= weight * the
+  // largest finite loss, so the double sums can overflow only when that product is beyond them.
+  std::string nonfinite_cause() const {
+    constexpr double kLargestLoss = static_cast<double>(std::numeric_limits<Scalar>::max());
+    constexpr double kLargestSum = std::numeric_limits<double>::max();
+    const std::string overflow = detail::cat("the running sum overflowed (losses up to ", kLargestLoss,
+                                             " in sums up to ", kLargestSum, ")");
+    if (nan_strategy_ != NanStrategy::kError) return detail::cat(overflow, "; scale that task's loss down");
+    std::string cause = "a NaN or infinite loss was recorded this epoch";
+    if (epoch_.weight * kLargestLoss > kLargestSum) cause.append(", or ").append(overflow);
+    return cause.append(". NanStrategy::kWarn (or kIgnore) leaves each row of K losses with a NaN or infinity "
+                        "out of the epoch, e.g. a batch that overflowed under mixed precision");
+  }
+
+  NanStrategy nan_strategy_ = NanStrategy::kError;
   std::size_t fixed_num_tasks_ = 0;
   std::optional<std::vector<std::string>> fixed_tasks_;
   std::size_t num_tasks_ = 0;
