@@ -14,6 +14,7 @@ from ._distributed import GroupEpoch, GroupSync, LocalEpoch, Operation, PartialE
 from ._epochs import EpochHistory, check_batch_weight, check_temperature
 from ._running import RunningSums
 from ._state import HistoryState
+from ._tensors import accumulator_dtype
 
 __all__ = ["DWAHistory", "Losses"]
 
@@ -278,12 +279,11 @@ class DWAHistory:
         epoch = self._sync.epoch(Operation.STEP, self._local(), temperature)
         if epoch.totals.batches == 0:
             return
-        sums_dtype = self._running.sums.dtype if self._running.sums is not None else torch.float64
         self._epochs.close(
             epoch.totals,
             temperature,
             largest_loss=torch.finfo(getattr(torch, epoch.dtype)).max,
-            largest_sum=torch.finfo(sums_dtype).max,
+            largest_sum=torch.finfo(accumulator_dtype(self.device)).max,
         )
         self._adopt(epoch)
         if epoch.missing:

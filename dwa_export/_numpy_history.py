@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from ._epochs import FLOAT64_MAX, EpochHistory, Totals, check_batch_weight, check_temperature
+from ._epochs import EpochHistory, Totals, check_batch_weight, check_temperature
 from ._state import HistoryState, RunningEpoch, resolve_partial
 
 __all__ = ["NumpyDWAHistory"]
@@ -129,14 +129,13 @@ class NumpyDWAHistory:
         temperature = None if temperature is None else check_temperature(temperature)
         if self._totals.batches == 0 or self._sums is None:
             return
-        largest_loss = float(np.finfo(self._dtype).max)
-        self._epochs.close(self._epoch_totals(), temperature, largest_loss, FLOAT64_MAX)
+        # The sums are float64: close()'s default largest_sum.
+        self._epochs.close(self._epoch_totals(), temperature, largest_loss=float(np.finfo(self._dtype).max))
         self.discard_epoch()
 
     def _epoch_totals(self) -> Totals:
         assert self._sums is not None
-        totals = self._totals
-        return Totals(totals.batches, totals.rows, totals.nonfinite_rows, totals.weight, tuple(self._sums.tolist()))
+        return replace(self._totals, sums=tuple(self._sums.tolist()))
 
     def log_weights(self, temperature: float, weights: Sequence[float] | np.ndarray) -> None:
         """Store the temperature and weights computed from the last step in its log entry."""
